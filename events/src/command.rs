@@ -1,0 +1,124 @@
+//! Commands: what a caller asks keyledger to do.
+//!
+//! A [`CommandEnvelope`] is the unit that travels over the bus (`keyledger.commands`); the
+//! HTTP API builds the same [`Command`] values, so both paths share one command handler.
+//! Fields hold raw caller input (strings): parsing them into domain types is the
+//! aggregate's job, so that a bad value yields a precise, typed rejection instead of an
+//! opaque deserialisation error.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One command as it travels over the bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CommandEnvelope {
+    /// Chosen by the sender; a redelivered id changes nothing and gets the original answer.
+    pub command_id: Uuid,
+    /// The opaque account id the calling service owns.
+    pub account_id: String,
+    /// Who sent it, for the audit trail (e.g. `web-backend`).
+    #[serde(default)]
+    pub issued_by: Option<String>,
+    pub command: Command,
+    /// Base64 X25519 public key; required for GenerateKey and RotateKey over the bus, whose
+    /// result carries the new key sealed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_public_key: Option<String>,
+}
+
+/// The commands of the keyring, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type")]
+pub enum Command {
+    /// Create a new key for the account.
+    GenerateKey {
+        label: String,
+        contacts: Vec<String>,
+        /// The account owner's login email; the first key of an account records it.
+        login_email: String,
+    },
+    /// Replace the contact emails of a key.
+    UpdateContacts { key_id: Uuid, contacts: Vec<String> },
+    /// Revoke (delete) a key, at once and for good.
+    RevokeKey { key_id: Uuid },
+    /// Issue a successor with the same contacts and a new label; cut the old key's life to
+    /// a grace period.
+    RotateKey {
+        key_id: Uuid,
+        label: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_seconds: Option<i64>,
+    },
+    /// Record that a key has reached its expiry (accepted only at or after it).
+    ExpireKey { key_id: Uuid },
+    /// Bring over the account's single pre-multi-key (legacy) key.
+    MigrateLegacyKey {
+        login_email: String,
+        legacy_hash: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        created_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// The name of a command's type, for metrics, logs and metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandType {
+    GenerateKey,
+    UpdateContacts,
+    RevokeKey,
+    RotateKey,
+    ExpireKey,
+    MigrateLegacyKey,
+}
+
+impl CommandType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandType::GenerateKey => "GenerateKey",
+            CommandType::UpdateContacts => "UpdateContacts",
+            CommandType::RevokeKey => "RevokeKey",
+            CommandType::RotateKey => "RotateKey",
+            CommandType::ExpireKey => "ExpireKey",
+            CommandType::MigrateLegacyKey => "MigrateLegacyKey",
+        }
+    }
+}
+
+impl Command {
+    pub fn command_type(&self) -> CommandType {
+        match self {
+            Command::GenerateKey { .. } => CommandType::GenerateKey,
+            Command::UpdateContacts { .. } => CommandType::UpdateContacts,
+            Command::RevokeKey { .. } => CommandType::RevokeKey,
+            Command::RotateKey { .. } => CommandType::RotateKey,
+            Command::ExpireKey { .. } => CommandType::ExpireKey,
+            Command::MigrateLegacyKey { .. } => CommandType::MigrateLegacyKey,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_parses_the_contract_example() {
+        let json = r#"{"command_id": "0b8f3c1e-9d4a-4f7e-8a51-2f0d1d5e6a70", "account_id": "acc-1",
+            "issued_by": "web-backend",
+            "command": {"type": "GenerateKey", "label": "prod", "contacts": ["a@b.gov.sg"],
+                        "login_email": "john.doe@agency.gov.sg"},
+            "reply_public_key": "AAAA"}"#;
+        let env: CommandEnvelope = serde_json::from_str(json).expect("parses");
+        assert_eq!(env.command.command_type(), CommandType::GenerateKey);
+        assert_eq!(env.reply_public_key.as_deref(), Some("AAAA"));
+    }
+
+    #[test]
+    fn unknown_command_type_is_an_error() {
+        let json = r#"{"command_id": "0b8f3c1e-9d4a-4f7e-8a51-2f0d1d5e6a70", "account_id": "a",
+            "command": {"type": "DropTables"}}"#;
+        assert!(serde_json::from_str::<CommandEnvelope>(json).is_err());
+    }
+}

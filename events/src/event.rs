@@ -1,0 +1,191 @@
+//! Events: the facts keyledger records, version 1.
+//!
+//! Each event is one struct; [`KeyringEvent`] is their union as stored in the event store
+//! (externally tagged by type name, the cqrs-es convention). No event ever holds a
+//! plaintext key: only its keyed-BLAKE3 hash (hex) and its last five characters. Every
+//! event carries the `command_id` that caused it, so that a redelivered command can be
+//! recognised from the log alone.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The version of every event type in this crate.
+pub const EVENT_VERSION: &str = "1";
+
+/// A new key was issued (by GenerateKey, or as the successor in a rotation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyGenerated {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    pub label: String,
+    pub last_five: String,
+    /// Hex of the keyed BLAKE3 hash of the whole key.
+    pub key_hash: String,
+    /// Always `blake3-keyed-v1` for keys issued by keyledger.
+    pub hash_scheme: String,
+    pub contacts: Vec<String>,
+    /// The account's login email at the time (the first key of an account records it).
+    pub login_email: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Set when this key is the successor of a rotated key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<Uuid>,
+}
+
+/// The contact emails of a key were replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ContactsUpdated {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    pub contacts: Vec<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A key was revoked (deleted): it fails verification at once and leaves the listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyRevoked {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// A key was rotated: its successor is `new_key_id` (issued by the KeyGenerated event of
+/// the same command) and its own expiry was cut to `old_key_expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyRotated {
+    pub command_id: Uuid,
+    pub old_key_id: Uuid,
+    pub new_key_id: Uuid,
+    pub old_key_expires_at: DateTime<Utc>,
+    pub rotated_at: DateTime<Utc>,
+}
+
+/// A key reached its expiry and this was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyExpired {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    /// The key's expiry (when it stopped verifying).
+    pub expires_at: DateTime<Utc>,
+    /// When the expiry was recorded (at or after `expires_at`).
+    pub expired_at: DateTime<Utc>,
+}
+
+/// A legacy (pre-multi-key) key was brought over as an ordinary key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LegacyKeyMigrated {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    /// Always `default`.
+    pub label: String,
+    /// Always `*****`: only a hash of the legacy key exists.
+    pub last_five: String,
+    /// Postman's `{username}_v1_{bcrypt hash without the salt}`.
+    pub legacy_hash: String,
+    /// Always `postman-bcrypt-v1`.
+    pub hash_scheme: String,
+    pub login_email: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub migrated_at: DateTime<Utc>,
+}
+
+/// A reminder stage of a key fell due and was decided (reserved for the reminder saga).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExpiryReminderDue {
+    pub command_id: Uuid,
+    pub key_id: Uuid,
+    /// Days before expiry: 28, 14, 3 or 1.
+    pub stage: u32,
+    pub recipients: Vec<String>,
+    pub expires_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+}
+
+/// Every event of a keyring, as stored (externally tagged by its type name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum KeyringEvent {
+    KeyGenerated(KeyGenerated),
+    ContactsUpdated(ContactsUpdated),
+    KeyRevoked(KeyRevoked),
+    KeyRotated(KeyRotated),
+    KeyExpired(KeyExpired),
+    LegacyKeyMigrated(LegacyKeyMigrated),
+    ExpiryReminderDue(ExpiryReminderDue),
+}
+
+impl KeyringEvent {
+    /// The stable type name (`KeyGenerated`, …), as in the event envelope.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            KeyringEvent::KeyGenerated(_) => "KeyGenerated",
+            KeyringEvent::ContactsUpdated(_) => "ContactsUpdated",
+            KeyringEvent::KeyRevoked(_) => "KeyRevoked",
+            KeyringEvent::KeyRotated(_) => "KeyRotated",
+            KeyringEvent::KeyExpired(_) => "KeyExpired",
+            KeyringEvent::LegacyKeyMigrated(_) => "LegacyKeyMigrated",
+            KeyringEvent::ExpiryReminderDue(_) => "ExpiryReminderDue",
+        }
+    }
+
+    /// The command that caused this event.
+    pub fn command_id(&self) -> Uuid {
+        match self {
+            KeyringEvent::KeyGenerated(e) => e.command_id,
+            KeyringEvent::ContactsUpdated(e) => e.command_id,
+            KeyringEvent::KeyRevoked(e) => e.command_id,
+            KeyringEvent::KeyRotated(e) => e.command_id,
+            KeyringEvent::KeyExpired(e) => e.command_id,
+            KeyringEvent::LegacyKeyMigrated(e) => e.command_id,
+            KeyringEvent::ExpiryReminderDue(e) => e.command_id,
+        }
+    }
+
+    /// The payload alone (the inner struct), as published in the event envelope.
+    pub fn payload(&self) -> serde_json::Value {
+        let tagged = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        match tagged {
+            serde_json::Value::Object(mut map) => map
+                .remove(self.event_type())
+                .unwrap_or(serde_json::Value::Null),
+            other => other,
+        }
+    }
+
+    /// When the fact happened, by the aggregate's clock.
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            KeyringEvent::KeyGenerated(e) => e.created_at,
+            KeyringEvent::ContactsUpdated(e) => e.updated_at,
+            KeyringEvent::KeyRevoked(e) => e.revoked_at,
+            KeyringEvent::KeyRotated(e) => e.rotated_at,
+            KeyringEvent::KeyExpired(e) => e.expired_at,
+            KeyringEvent::LegacyKeyMigrated(e) => e.migrated_at,
+            KeyringEvent::ExpiryReminderDue(e) => e.due_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_the_inner_struct() {
+        let id = Uuid::nil();
+        let now = DateTime::<Utc>::UNIX_EPOCH;
+        let e = KeyringEvent::KeyRevoked(KeyRevoked {
+            command_id: id,
+            key_id: id,
+            revoked_at: now,
+        });
+        let p = e.payload();
+        assert_eq!(p["key_id"], serde_json::json!(id.to_string()));
+        assert_eq!(e.event_type(), "KeyRevoked");
+        let stored = serde_json::to_value(&e).expect("serialises");
+        assert!(stored.get("KeyRevoked").is_some());
+    }
+}

@@ -1,0 +1,197 @@
+//! The command line: `serve`, `migrate`, and `keys …` — a client of the HTTP API, so that
+//! there is one writer path.
+
+mod client;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Duration, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Inputs;
+use crate::domain::Policy;
+
+pub use client::run_keys;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyledger", version, about = "Event-sourced lifecycle of API keys: generate, list, rotate, revoke, expire, migrate, verify.")]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, env = "KEYLEDGER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the service (HTTP API). Embedded SQLite under ./data unless KEYLEDGER_DATABASE_URL is set.
+    Serve(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(StorageArgs),
+    /// Manage keys through a running server's HTTP API.
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// PostgreSQL URL; when set, keyledger runs in production mode on PostgreSQL.
+    #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Folder of the embedded mode (SQLite store, generated token and pepper).
+    #[arg(long, env = "KEYLEDGER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// HTTP listen address.
+    #[arg(long, env = "KEYLEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Secret for keyed BLAKE3 (at least 32 bytes). Required with PostgreSQL; prefer the
+    /// environment variable to the flag, which other users can see in the process list.
+    #[arg(long, env = "KEYLEDGER_PEPPER", hide_env_values = true)]
+    pub pepper: Option<String>,
+    /// Bearer token of the HTTP API (at least 24 characters). Required with PostgreSQL.
+    #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Calendar months a key is valid for.
+    #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=24))]
+    pub key_validity_months: u32,
+    /// Live keys an account may hold.
+    #[arg(long, env = "KEYLEDGER_MAX_LIVE_KEYS", default_value_t = 50)]
+    pub max_live_keys: usize,
+    /// Default grace of a rotated key, in seconds.
+    #[arg(long, env = "KEYLEDGER_ROTATION_GRACE_SECONDS", default_value_t = 86_400)]
+    pub rotation_grace_seconds: i64,
+    /// Fixed expiry of migrated legacy keys (RFC 3339).
+    #[arg(long, env = "KEYLEDGER_LEGACY_EXPIRY", default_value = "2024-04-21T00:00:00Z")]
+    pub legacy_expiry: DateTime<Utc>,
+    /// The service's default from address, always allowed as a sender.
+    #[arg(long, env = "KEYLEDGER_DEFAULT_FROM")]
+    pub default_from: Option<String>,
+    /// Size of the PostgreSQL connection pool.
+    #[arg(long, env = "KEYLEDGER_DB_CONNECTIONS", default_value_t = 16)]
+    pub db_connections: u32,
+    /// Kafka bootstrap servers (the bus is not part of this build yet; see the README).
+    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn inputs(&self) -> Inputs {
+        let defaults = Policy::default();
+        Inputs {
+            listen: self.listen.clone(),
+            data_dir: self.storage.data_dir.clone(),
+            database_url: self.storage.database_url.clone(),
+            pepper: self.pepper.clone(),
+            api_token: self.api_token.clone(),
+            policy: Policy {
+                validity_months: self.key_validity_months,
+                max_live_keys: self.max_live_keys,
+                default_grace: Duration::seconds(self.rotation_grace_seconds.max(0)).min(defaults.max_grace),
+                max_grace: defaults.max_grace,
+                legacy_expiry: self.legacy_expiry,
+            },
+            default_from: self.default_from.clone(),
+            max_db_connections: self.db_connections,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of a running keyledger.
+    #[arg(long, env = "KEYLEDGER_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Bearer token; defaults to the embedded server's generated token in the data folder.
+    #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where to find an embedded server's generated token when --token is not given.
+    #[arg(long, env = "KEYLEDGER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub action: KeysAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Generate a key; prints it once (it cannot be shown again).
+    Generate {
+        #[arg(long)]
+        account: String,
+        /// Permanent, unique in the account, at most 255 characters.
+        #[arg(long)]
+        label: String,
+        /// A contact email (repeat for more, 1 to 20).
+        #[arg(long = "contact", required = true)]
+        contacts: Vec<String>,
+        /// The account owner's login email (its local part becomes the key prefix).
+        #[arg(long)]
+        login_email: String,
+    },
+    /// List an account's keys (the Settings page).
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Replace a key's contact emails.
+    Contacts {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long = "contact", required = true)]
+        contacts: Vec<String>,
+    },
+    /// Revoke a key, at once and for good.
+    Revoke {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        key_id: String,
+    },
+    /// Issue a successor with a new label; the old key keeps working for the grace period.
+    Rotate {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        grace_seconds: Option<i64>,
+    },
+    /// Verify a key read from standard input (so it stays out of shell history).
+    Verify {
+        /// A from address to check against the custom-from-address rule.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Bring over an account's legacy key.
+    MigrateLegacy {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        login_email: String,
+        #[arg(long)]
+        legacy_hash: String,
+        #[arg(long)]
+        created_at: Option<DateTime<Utc>>,
+    },
+}

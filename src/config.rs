@@ -1,0 +1,208 @@
+//! Configuration: where the data lives, the secrets, the rules.
+//!
+//! With nothing configured keyledger runs embedded: a SQLite file, a generated pepper and a
+//! generated API token under the data directory (files created with mode 0600). With
+//! `KEYLEDGER_DATABASE_URL` it runs on PostgreSQL, and then the pepper and the token must
+//! be configured: a missing secret is a start-up error, never a silent default.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::rngs::OsRng;
+use rand::RngCore;
+
+use crate::domain::{Clock, Policy, SecretString, SystemClock};
+
+/// The shortest pepper accepted (bytes).
+pub const MIN_PEPPER_BYTES: usize = 32;
+/// The shortest API token accepted (bytes).
+pub const MIN_TOKEN_BYTES: usize = 24;
+
+#[derive(Debug, Clone)]
+pub enum Storage {
+    Embedded { data_dir: PathBuf },
+    Postgres { url: SecretString },
+}
+
+/// Everything the service needs to start.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub storage: Storage,
+    pub pepper: SecretString,
+    pub api_token: SecretString,
+    pub policy: Policy,
+    /// The service's default sender address (always allowed as a from address).
+    pub default_from: Option<String>,
+    pub clock: Arc<dyn Clock>,
+    pub max_db_connections: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("KEYLEDGER_PEPPER must be set when KEYLEDGER_DATABASE_URL is (at least {MIN_PEPPER_BYTES} bytes of secret; e.g. `openssl rand -base64 48`)")]
+    MissingPepper,
+    #[error("KEYLEDGER_API_TOKEN must be set when KEYLEDGER_DATABASE_URL is (at least {MIN_TOKEN_BYTES} characters)")]
+    MissingToken,
+    #[error("KEYLEDGER_PEPPER is too short: at least {MIN_PEPPER_BYTES} bytes are required")]
+    ShortPepper,
+    #[error("KEYLEDGER_API_TOKEN is too short: at least {MIN_TOKEN_BYTES} characters are required")]
+    ShortToken,
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the operator configured (flags and environment), before defaults are resolved.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub pepper: Option<String>,
+    pub api_token: Option<String>,
+    pub policy: Policy,
+    pub default_from: Option<String>,
+    pub max_db_connections: u32,
+}
+
+/// Where the embedded mode keeps its files.
+pub struct DataFiles {
+    pub database: PathBuf,
+    pub api_token: PathBuf,
+    pub pepper: PathBuf,
+}
+
+impl DataFiles {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            database: dir.join("keyledger.db"),
+            api_token: dir.join("api-token"),
+            pepper: dir.join("pepper"),
+        }
+    }
+}
+
+impl Settings {
+    /// Resolves the inputs: embedded secrets are read from, or generated into, the data
+    /// directory. Returns the settings and, for embedded mode, where the token is.
+    pub fn resolve(inputs: Inputs) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let (storage, pepper, token, token_path) = match inputs.database_url {
+            Some(url) => {
+                let pepper = inputs.pepper.ok_or(ConfigError::MissingPepper)?;
+                let token = inputs.api_token.ok_or(ConfigError::MissingToken)?;
+                (Storage::Postgres { url: SecretString::new(url) }, pepper, token, None)
+            }
+            None => {
+                let dir = inputs.data_dir.clone();
+                let io = |source| ConfigError::DataDir { path: dir.clone(), source };
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                let files = DataFiles::in_dir(&dir);
+                let pepper = match inputs.pepper {
+                    Some(p) => p,
+                    None => read_or_generate(&files.pepper, 48).map_err(io)?,
+                };
+                let (token, token_path) = match inputs.api_token {
+                    Some(t) => (t, None),
+                    None => (read_or_generate(&files.api_token, 32).map_err(io)?, Some(files.api_token)),
+                };
+                (Storage::Embedded { data_dir: dir }, pepper, token, token_path)
+            }
+        };
+        if pepper.len() < MIN_PEPPER_BYTES {
+            return Err(ConfigError::ShortPepper);
+        }
+        if token.len() < MIN_TOKEN_BYTES {
+            return Err(ConfigError::ShortToken);
+        }
+        let settings = Settings {
+            listen: inputs.listen,
+            storage,
+            pepper: SecretString::new(pepper),
+            api_token: SecretString::new(token),
+            policy: inputs.policy,
+            default_from: inputs.default_from,
+            clock: Arc::new(SystemClock),
+            max_db_connections: inputs.max_db_connections.max(1),
+        };
+        Ok((settings, token_path))
+    }
+}
+
+/// Reads a secret file, or creates it (mode 0600) with `bytes` random bytes, base64url.
+fn read_or_generate(path: &Path, bytes: usize) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => return Ok(s.trim().to_owned()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let mut raw = vec![0u8; bytes];
+    OsRng.fill_bytes(&mut raw);
+    let secret = URL_SAFE_NO_PAD.encode(&raw);
+    write_private(path, &secret)?;
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_mode_requires_both_secrets() {
+        let inputs = Inputs {
+            database_url: Some("postgres://x".into()),
+            api_token: Some("t".repeat(32)),
+            ..Inputs::default()
+        };
+        assert!(matches!(Settings::resolve(inputs), Err(ConfigError::MissingPepper)));
+        let inputs = Inputs {
+            database_url: Some("postgres://x".into()),
+            pepper: Some("p".repeat(32)),
+            ..Inputs::default()
+        };
+        assert!(matches!(Settings::resolve(inputs), Err(ConfigError::MissingToken)));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn embedded_secrets_are_generated_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inputs = Inputs {
+            data_dir: dir.path().join("data"),
+            ..Inputs::default()
+        };
+        let (first, token_path) = Settings::resolve(inputs.clone()).expect("resolves");
+        let token_path = token_path.expect("embedded token path");
+        let mode = std::fs::metadata(&token_path).expect("exists").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let pepper_mode = std::fs::metadata(dir.path().join("data/pepper")).expect("exists").permissions().mode();
+        assert_eq!(pepper_mode & 0o777, 0o600);
+        let (second, _) = Settings::resolve(inputs).expect("resolves again");
+        assert_eq!(first.api_token.expose(), second.api_token.expose());
+        assert_eq!(first.pepper.expose(), second.pepper.expose());
+    }
+}

@@ -1,0 +1,267 @@
+//! API keys: minting, hashing, parsing what a caller presents.
+//!
+//! Format `{username}_v1_{secret}`: the secret is 33 CSPRNG bytes in standard base64 (44
+//! characters, no padding, never a `_`), so a key splits into exactly three parts. Only the
+//! keyed-BLAKE3 hash of the whole key and its last five characters are ever kept. The
+//! plaintext lives in a [`PlaintextKey`], which zeroes its memory on drop and prints as
+//! `[redacted]` in any `Debug` or log output.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+/// The key-format / hashing-scheme version in every key keyledger issues.
+pub const KEY_VERSION: &str = "v1";
+const SECRET_BYTES: usize = 33;
+const SECRET_CHARS: usize = 44;
+const MAX_USERNAME: usize = 64;
+
+/// A string that must never be printed: a pepper, a token.
+#[derive(Clone)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A freshly minted key in the clear; shown once to its caller, never stored.
+pub struct PlaintextKey(Zeroizing<String>);
+
+impl PlaintextKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PlaintextKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PlaintextKey([redacted])")
+    }
+}
+
+/// Keyed BLAKE3 with a server-side pepper: nanoseconds per key, useless to anyone who
+/// steals the database without the pepper.
+#[derive(Clone)]
+pub struct KeyHasher {
+    key: [u8; 32],
+}
+
+impl fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHasher([redacted])")
+    }
+}
+
+impl KeyHasher {
+    /// Derives the 32-byte BLAKE3 key from the configured pepper (any length).
+    pub fn new(pepper: &[u8]) -> Self {
+        Self {
+            key: blake3::derive_key("keyledger 2026-11 api key hashing pepper v1", pepper),
+        }
+    }
+
+    pub fn hash(&self, key: &str) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key, key.as_bytes()).as_bytes()
+    }
+
+    pub fn hash_hex(&self, key: &str) -> String {
+        to_hex(&self.hash(key))
+    }
+}
+
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// A new key with what may be kept of it.
+#[derive(Debug)]
+pub struct MintedKey {
+    pub plaintext: PlaintextKey,
+    pub key_hash: String,
+    pub last_five: String,
+}
+
+/// Mints a key for `username` (already reduced to ASCII letters and digits).
+pub fn mint_key(username: &str, hasher: &KeyHasher) -> MintedKey {
+    let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
+    OsRng.fill_bytes(secret.as_mut());
+    let mut key = Zeroizing::new(String::with_capacity(username.len() + 4 + SECRET_CHARS));
+    key.push_str(username);
+    key.push('_');
+    key.push_str(KEY_VERSION);
+    key.push('_');
+    STANDARD.encode_string(secret.as_ref(), &mut key);
+    let last_five = key[key.len() - 5..].to_owned();
+    let key_hash = hasher.hash_hex(&key);
+    MintedKey {
+        plaintext: PlaintextKey(key),
+        key_hash,
+        last_five,
+    }
+}
+
+/// Why a presented key is not even shaped like a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedKey {
+    #[error("a key has three parts separated by '_'")]
+    Parts,
+    #[error("the key's username part must be 1-64 ASCII letters or digits")]
+    Username,
+    #[error("unsupported key version")]
+    Version,
+    #[error("the key's secret must be 44 characters of standard base64")]
+    Secret,
+}
+
+/// A key as presented by a caller, checked for shape only (never printed).
+pub struct PresentedKey<'a> {
+    raw: &'a str,
+    username: &'a str,
+    secret: &'a str,
+}
+
+impl fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresentedKey([redacted])")
+    }
+}
+
+impl<'a> PresentedKey<'a> {
+    pub fn parse(raw: &'a str) -> Result<Self, MalformedKey> {
+        let mut parts = raw.splitn(3, '_');
+        let (Some(username), Some(version), Some(secret)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(MalformedKey::Parts);
+        };
+        if username.is_empty()
+            || username.len() > MAX_USERNAME
+            || !username.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(MalformedKey::Username);
+        }
+        if version != KEY_VERSION {
+            return Err(MalformedKey::Version);
+        }
+        if secret.len() != SECRET_CHARS
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        {
+            return Err(MalformedKey::Secret);
+        }
+        Ok(Self {
+            raw,
+            username,
+            secret,
+        })
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.raw
+    }
+
+    pub fn username(&self) -> &'a str {
+        self.username
+    }
+
+    /// The secret part (what Postman's legacy scheme hashes with bcrypt).
+    pub fn secret(&self) -> &'a str {
+        self.secret
+    }
+}
+
+/// Why a legacy hash is not Postman's `{username}_v1_{31 chars of bcrypt}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LegacyHashError {
+    #[error("legacy hash must look like '{{username}}_v1_{{bcrypt hash without its salt}}'")]
+    Shape,
+    #[error("legacy hash username '{found}' does not match the login email's '{expected}'")]
+    Username { found: String, expected: String },
+}
+
+/// Checks a legacy hash's shape and returns its username part.
+pub fn legacy_hash_username(legacy_hash: &str) -> Result<&str, LegacyHashError> {
+    let mut parts = legacy_hash.splitn(3, '_');
+    let (Some(username), Some(version), Some(hash)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(LegacyHashError::Shape);
+    };
+    let bcrypt_chars = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'/';
+    if username.is_empty()
+        || !username.bytes().all(|b| b.is_ascii_alphanumeric())
+        || version != KEY_VERSION
+        || hash.len() != 31
+        || !hash.bytes().all(bcrypt_chars)
+    {
+        return Err(LegacyHashError::Shape);
+    }
+    Ok(username)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_keys_have_the_documented_shape() {
+        let hasher = KeyHasher::new(b"pepper");
+        let m = mint_key("johndoe", &hasher);
+        let key = m.plaintext.expose();
+        assert!(key.starts_with("johndoe_v1_"));
+        assert_eq!(key.len(), "johndoe_v1_".len() + 44);
+        assert_eq!(key.split('_').count(), 3);
+        assert_eq!(m.last_five, &key[key.len() - 5..]);
+        assert_eq!(m.key_hash, hasher.hash_hex(key));
+        assert_eq!(m.key_hash.len(), 64);
+        let parsed = PresentedKey::parse(key).expect("own keys parse");
+        assert_eq!(parsed.username(), "johndoe");
+        assert_eq!(STANDARD.decode(parsed.secret()).map(|v| v.len()), Ok(33));
+        assert_eq!(format!("{:?}", m.plaintext), "PlaintextKey([redacted])");
+    }
+
+    #[test]
+    fn the_pepper_changes_the_hash() {
+        assert_ne!(KeyHasher::new(b"a").hash("k"), KeyHasher::new(b"b").hash("k"));
+    }
+
+    #[test]
+    fn malformed_keys_are_told_apart() {
+        let secret = "A".repeat(44);
+        assert_eq!(PresentedKey::parse("nounderscores").err(), Some(MalformedKey::Parts));
+        assert_eq!(PresentedKey::parse(&format!("_v1_{secret}")).err(), Some(MalformedKey::Username));
+        assert_eq!(PresentedKey::parse(&format!("jo_v2_{secret}")).err(), Some(MalformedKey::Version));
+        assert_eq!(PresentedKey::parse("jo_v1_short").err(), Some(MalformedKey::Secret));
+        assert_eq!(PresentedKey::parse(&format!("jo_v1_{}", "_".repeat(44))).err(), Some(MalformedKey::Secret));
+        assert!(PresentedKey::parse(&format!("jo_v1_{secret}")).is_ok());
+    }
+
+    #[test]
+    fn legacy_hash_shape() {
+        let h = format!("johndoe_v1_{}", "a".repeat(31));
+        assert_eq!(legacy_hash_username(&h), Ok("johndoe"));
+        assert!(legacy_hash_username("johndoe_v1_short").is_err());
+        assert!(legacy_hash_username(&format!("john.doe_v1_{}", "a".repeat(31))).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! The command handler: the one writer path for HTTP, the CLI and (later) the bus.
+//!
+//! For each command it loads the account's keyring, answers a redelivered `command_id`
+//! with its original outcome, mints key material when the command needs a new key (so
+//! the aggregate stays pure and the plaintext never reaches it), lets the aggregate decide,
+//! commits, and feeds the read side before answering (read-your-writes). Commands on one
+//! account are serialised in this process; across processes, cqrs-es's optimistic
+//! concurrency decides and a conflict is retried a bounded number of times.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, AggregateError};
+use keyledger_events::{Command, KeyringEvent};
+use rand::Rng;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
+use crate::keyring::{KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial};
+use crate::read_side::ReadSide;
+use crate::store::{Store, StoredRecord};
+
+/// Attempts per command when another writer commits to the same account first.
+pub const MAX_ATTEMPTS: usize = 8;
+const LOCK_STRIPES: usize = 1024;
+
+/// A command to execute.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub account_id: AccountId,
+    pub command_id: Uuid,
+    /// Who sent it (`http`, `cli`, a service name), kept in the event metadata.
+    pub issued_by: String,
+    pub command: Command,
+}
+
+/// Whether the command was applied now or had been already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Accepted,
+    Duplicate,
+}
+
+/// What a command did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: Status,
+    /// The sequences of the events it recorded (empty when it changed nothing).
+    pub sequences: Vec<u64>,
+    pub events: Vec<KeyringEvent>,
+    /// The key it created or acted on, as it stands after the command.
+    pub key: Option<KeyFacts>,
+    /// For a rotation: the old key as it stands after the command.
+    pub rotated: Option<KeyFacts>,
+    /// The new key in the clear: only for an accepted GenerateKey or RotateKey.
+    pub api_key: Option<PlaintextKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error(transparent)]
+    Rejected(#[from] KeyringError),
+    #[error("the account is too busy: {MAX_ATTEMPTS} attempts lost to concurrent writers")]
+    Contended,
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub struct CommandHandler {
+    store: Arc<Store>,
+    services: KeyringServices,
+    hasher: KeyHasher,
+    read_side: Arc<ReadSide>,
+    locks: Vec<Mutex<()>>,
+}
+
+impl CommandHandler {
+    pub fn new(store: Arc<Store>, services: KeyringServices, hasher: KeyHasher, read_side: Arc<ReadSide>) -> Self {
+        Self {
+            store,
+            services,
+            hasher,
+            read_side,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    pub fn services(&self) -> &KeyringServices {
+        &self.services
+    }
+
+    fn lock_for(&self, account: &AccountId) -> &Mutex<()> {
+        let mut h = DefaultHasher::new();
+        account.hash(&mut h);
+        &self.locks[(h.finish() as usize) % LOCK_STRIPES]
+    }
+
+    pub async fn execute(&self, request: Request) -> Result<Outcome, HandleError> {
+        let _serialised = self.lock_for(&request.account_id).lock().await;
+        let account = request.account_id.as_str();
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut context = self.store.load(account).await.map_err(unavailable)?;
+            let keyring = &mut context.aggregate;
+            if let Some(prior) = keyring.prior_outcome(request.command_id) {
+                return Ok(duplicate(keyring, prior.sequences.clone(), prior.key_id));
+            }
+            let (material, api_key) = self.mint_for(keyring, &request.command);
+            let command = KeyringCommand {
+                command_id: request.command_id,
+                command: request.command.clone(),
+                material,
+            };
+            let sink = EventSink::default();
+            keyring.handle(command, &self.services, &sink).await?;
+            let events: Vec<_> = sink.collect().await;
+            let (key, rotated) = affected(keyring, &events);
+            if events.is_empty() {
+                return Ok(Outcome {
+                    status: Status::Accepted,
+                    sequences: vec![],
+                    events: vec![],
+                    key,
+                    rotated,
+                    api_key: None,
+                });
+            }
+            let metadata = HashMap::from([
+                ("command_id".to_owned(), request.command_id.to_string()),
+                ("command_type".to_owned(), request.command.command_type().as_str().to_owned()),
+                ("issued_by".to_owned(), request.issued_by.clone()),
+                ("recorded_at".to_owned(), self.services.clock.now().to_rfc3339()),
+            ]);
+            match self.store.commit(events, context, metadata).await {
+                Ok(committed) => {
+                    let records: Vec<StoredRecord> = committed
+                        .into_iter()
+                        .map(|e| StoredRecord {
+                            account_id: e.aggregate_id,
+                            sequence: e.sequence as u64,
+                            event: e.payload.0,
+                        })
+                        .collect();
+                    if let Err(e) = self.read_side.apply_committed(&self.store, account, &records).await {
+                        // The events are safely stored; the read side catches up on the next
+                        // command of this account or at the next start.
+                        tracing::error!(account_id = account, error = %e, "read side lags behind the store");
+                    }
+                    return Ok(Outcome {
+                        status: Status::Accepted,
+                        sequences: records.iter().map(|r| r.sequence).collect(),
+                        events: records.into_iter().map(|r| r.event).collect(),
+                        key,
+                        rotated,
+                        api_key,
+                    });
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    let backoff = rand::thread_rng().gen_range(1..=5u64) * (attempt as u64 + 1);
+                    tracing::debug!(account_id = account, attempt, "concurrent write; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+                Err(AggregateError::UserError(e)) => return Err(HandleError::Rejected(e)),
+                Err(other) => return Err(unavailable(other)),
+            }
+        }
+        Err(HandleError::Contended)
+    }
+
+    /// Mints a new key when the command needs one. Where the login email is unusable no
+    /// material is minted and the aggregate rejects the command with the precise reason.
+    fn mint_for(&self, keyring: &Keyring, command: &Command) -> (Option<NewKeyMaterial>, Option<PlaintextKey>) {
+        let login = match command {
+            Command::GenerateKey { login_email, .. } => keyring.login_email().unwrap_or(login_email),
+            Command::RotateKey { .. } => keyring.login_email().unwrap_or_default(),
+            Command::MigrateLegacyKey { .. } => {
+                let material = NewKeyMaterial {
+                    key_id: Uuid::now_v7(),
+                    username: String::new(),
+                    key_hash: String::new(),
+                    last_five: String::new(),
+                };
+                return (Some(material), None);
+            }
+            _ => return (None, None),
+        };
+        let Ok(login) = LoginEmail::parse(login) else {
+            return (None, None);
+        };
+        let username = login.username();
+        let minted = mint_key(&username, &self.hasher);
+        let material = NewKeyMaterial {
+            key_id: Uuid::now_v7(),
+            username,
+            key_hash: minted.key_hash,
+            last_five: minted.last_five,
+        };
+        (Some(material), Some(minted.plaintext))
+    }
+}
+
+fn unavailable(e: AggregateError<KeyringError>) -> HandleError {
+    match e {
+        AggregateError::UserError(e) => HandleError::Rejected(e),
+        other => HandleError::Unavailable(other.to_string()),
+    }
+}
+
+/// The key a command created or acted on, and the old key of a rotation.
+fn affected(keyring: &Keyring, events: &[crate::keyring::StoredEvent]) -> (Option<KeyFacts>, Option<KeyFacts>) {
+    let mut key = None;
+    let mut rotated = None;
+    for e in events {
+        match &e.0 {
+            KeyringEvent::KeyRotated(r) => rotated = keyring.key(r.old_key_id).cloned(),
+            other => {
+                if key.is_none() {
+                    key = key_id_of(other).and_then(|k| keyring.key(k).cloned());
+                }
+            }
+        }
+    }
+    (key, rotated)
+}
+
+fn key_id_of(event: &KeyringEvent) -> Option<Uuid> {
+    match event {
+        KeyringEvent::KeyGenerated(e) => Some(e.key_id),
+        KeyringEvent::ContactsUpdated(e) => Some(e.key_id),
+        KeyringEvent::KeyRevoked(e) => Some(e.key_id),
+        KeyringEvent::KeyRotated(e) => Some(e.new_key_id),
+        KeyringEvent::KeyExpired(e) => Some(e.key_id),
+        KeyringEvent::LegacyKeyMigrated(e) => Some(e.key_id),
+        KeyringEvent::ExpiryReminderDue(e) => Some(e.key_id),
+    }
+}
+
+fn duplicate(keyring: &Keyring, sequences: Vec<u64>, key_id: Option<Uuid>) -> Outcome {
+    let key = key_id.and_then(|k| keyring.key(k).cloned());
+    let rotated = key
+        .as_ref()
+        .and_then(|k| k.rotated_from)
+        .and_then(|old| keyring.key(old).cloned());
+    Outcome {
+        status: Status::Duplicate,
+        sequences,
+        events: vec![],
+        key,
+        rotated,
+        api_key: None,
+    }
+}

@@ -1,0 +1,231 @@
+//! The key routes: generate, list, update contacts, revoke, rotate, migrate a legacy key.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use keyledger_events::Command;
+use keyledger_projections::ListingRow;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{idempotency_key, ApiJson};
+use super::AppState;
+use crate::domain::AccountId;
+use crate::handler::{Outcome, Request, Status};
+use crate::keyring::{KeyFacts, KeyringError};
+
+#[derive(Deserialize)]
+pub struct GenerateBody {
+    label: String,
+    contacts: Vec<String>,
+    login_email: String,
+}
+
+#[derive(Deserialize)]
+pub struct ContactsBody {
+    contacts: Vec<String>,
+}
+
+#[derive(Deserialize)]
+pub struct RotateBody {
+    label: String,
+    #[serde(default)]
+    grace_seconds: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub struct LegacyBody {
+    login_email: String,
+    legacy_hash: String,
+    #[serde(default)]
+    created_at: Option<DateTime<Utc>>,
+}
+
+/// A key as the API shows it.
+#[derive(Serialize)]
+pub struct KeyView {
+    key_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+    label: String,
+    last_five: String,
+    contacts: Vec<String>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_key_expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+pub struct RowView {
+    key_id: Uuid,
+    label: String,
+    last_five: String,
+    contacts: Vec<String>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    status: &'static str,
+}
+
+impl RowView {
+    fn of(row: ListingRow, now: DateTime<Utc>) -> Self {
+        let status = row.status_at(now).as_str();
+        Self {
+            key_id: row.key_id,
+            label: row.label,
+            last_five: row.last_five,
+            contacts: row.contacts,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            status,
+        }
+    }
+}
+
+fn account(raw: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(raw).map_err(|e| KeyringError::from(e).into())
+}
+
+/// A key id in a path: anything that is not a UUID names no key.
+fn key_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "key_not_found", format!("no key '{raw}' in this account")))
+}
+
+async fn run(state: &AppState, headers: &HeaderMap, account_id: AccountId, command: Command) -> Result<Outcome, ApiError> {
+    let command_id = idempotency_key(headers)?.unwrap_or_else(Uuid::now_v7);
+    let outcome = state
+        .handler
+        .execute(Request {
+            account_id,
+            command_id,
+            issued_by: "http".into(),
+            command,
+        })
+        .await?;
+    Ok(outcome)
+}
+
+fn key_view(outcome: &Outcome, now: DateTime<Utc>) -> Result<KeyView, ApiError> {
+    let key: &KeyFacts = outcome
+        .key
+        .as_ref()
+        .ok_or_else(|| ApiError::from(KeyringError::Internal("the command named no key".into())))?;
+    let status = if key.is_live_at(now) { "active" } else { "expired" };
+    Ok(KeyView {
+        key_id: key.key_id,
+        api_key: outcome.api_key.as_ref().map(|k| k.expose().to_owned()),
+        label: key.label.clone(),
+        last_five: key.last_five.clone(),
+        contacts: key.contacts.clone(),
+        created_at: key.created_at,
+        expires_at: key.expires_at,
+        status,
+        old_key_expires_at: outcome.rotated.as_ref().map(|k| k.expires_at),
+    })
+}
+
+/// 201 with the new key, or 200 without it when the request was a replay.
+fn created(outcome: Outcome, now: DateTime<Utc>) -> Result<Response, ApiError> {
+    let view = key_view(&outcome, now)?;
+    Ok(match outcome.status {
+        Status::Accepted => (StatusCode::CREATED, Json(view)).into_response(),
+        Status::Duplicate => {
+            let mut r = (StatusCode::OK, Json(view)).into_response();
+            r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            r
+        }
+    })
+}
+
+pub async fn generate(
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<GenerateBody>,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let command = Command::GenerateKey {
+        label: body.label,
+        contacts: body.contacts,
+        login_email: body.login_email,
+    };
+    let outcome = run(&state, &headers, account_id, command).await?;
+    created(outcome, state.clock.now())
+}
+
+pub async fn list(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let now = state.clock.now();
+    let rows = state.store.listing_of(account_id.as_str()).await?;
+    let keys: Vec<RowView> = rows.into_iter().map(|r| RowView::of(r, now)).collect();
+    Ok(Json(serde_json::json!({ "keys": keys })).into_response())
+}
+
+pub async fn update_contacts(
+    State(state): State<AppState>,
+    Path((account_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ContactsBody>,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let key_id = key_id(&key)?;
+    let command = Command::UpdateContacts {
+        key_id,
+        contacts: body.contacts,
+    };
+    run(&state, &headers, account_id.clone(), command).await?;
+    let row = state
+        .store
+        .listing_row(account_id.as_str(), key_id)
+        .await?
+        .ok_or(KeyringError::KeyNotFound(key_id))?;
+    Ok(Json(RowView::of(row, state.clock.now())).into_response())
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    Path((account_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let key_id = key_id(&key)?;
+    run(&state, &headers, account_id, Command::RevokeKey { key_id }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn rotate(
+    State(state): State<AppState>,
+    Path((account_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<RotateBody>,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let key_id = key_id(&key)?;
+    let command = Command::RotateKey {
+        key_id,
+        label: body.label,
+        grace_seconds: body.grace_seconds,
+    };
+    let outcome = run(&state, &headers, account_id, command).await?;
+    created(outcome, state.clock.now())
+}
+
+pub async fn migrate_legacy(
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LegacyBody>,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let command = Command::MigrateLegacyKey {
+        login_email: body.login_email,
+        legacy_hash: body.legacy_hash,
+        created_at: body.created_at,
+    };
+    let outcome = run(&state, &headers, account_id, command).await?;
+    created(outcome, state.clock.now())
+}

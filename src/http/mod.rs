@@ -1,0 +1,73 @@
+//! The HTTP API (axum): the routes of `CONTRACT.md`, each a thin client of the command
+//! handler or the read side. Described in `docs/openapi.yaml`, served at `/openapi.yaml`.
+
+mod error;
+mod extract;
+mod keys;
+mod verify;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post, put};
+use axum::{middleware, Json, Router};
+use serde_json::json;
+
+pub use error::ApiError;
+
+use crate::domain::Clock;
+use crate::handler::CommandHandler;
+use crate::read_side::ReadSide;
+use crate::store::Store;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub handler: Arc<CommandHandler>,
+    pub read_side: Arc<ReadSide>,
+    pub store: Arc<Store>,
+    pub clock: Arc<dyn Clock>,
+    pub token_hash: blake3::Hash,
+}
+
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/v1/accounts/{account_id}/keys", post(keys::generate).get(keys::list))
+        .route("/v1/accounts/{account_id}/keys/{key_id}/contacts", put(keys::update_contacts))
+        .route("/v1/accounts/{account_id}/keys/{key_id}", delete(keys::revoke))
+        .route("/v1/accounts/{account_id}/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/v1/accounts/{account_id}/legacy-key", post(keys::migrate_legacy))
+        .route("/v1/verify", post(verify::verify))
+        .route("/openapi.yaml", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), extract::require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "database": "down"})),
+        ),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        include_str!("../../docs/openapi.yaml"),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}

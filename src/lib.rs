@@ -1,0 +1,18 @@
+//! # keyledger
+//!
+//! An event-sourced service for the whole life of API keys: generate, list, update
+//! contacts, rotate, revoke, expire, migrate legacy keys, verify. Commands are decided by
+//! the [`keyring::Keyring`] aggregate (one per account), stored as immutable events
+//! (PostgreSQL, or SQLite when embedded), and folded into read models (the Settings listing
+//! and the verification index). See `docs/ARCHITECTURE.md`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod handler;
+pub mod http;
+pub mod keyring;
+pub mod read_side;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,57 @@
+//! The `keyledger` binary: parses the command line and runs it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use keyledger::app::{open_store, shutdown_signal, Application};
+use keyledger::cli::{run_keys, Cli, Commands, LogFormat, ServeArgs};
+use keyledger::config::{Inputs, Settings};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    keyledger::telemetry::init(matches!(cli.log_format, LogFormat::Json));
+    let result = match cli.command {
+        Commands::Serve(args) => serve(args).await,
+        Commands::Migrate(args) => migrate(args).await,
+        Commands::Keys(args) => run_keys(&args.client, args.action).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.kafka_brokers.is_some() {
+        tracing::warn!("KEYLEDGER_KAFKA_BROKERS is set, but this build does not run the bus yet; serving HTTP only");
+    }
+    let (settings, token_path) = Settings::resolve(args.inputs())?;
+    let mode = if args.storage.database_url.is_some() { "postgresql" } else { "embedded" };
+    let app = Application::build(settings).await?;
+    let addr = app.local_addr()?;
+    if let Some(path) = token_path {
+        eprintln!("keyledger (embedded, data in {}) — API token in {}", args.storage.data_dir.display(), path.display());
+    }
+    tracing::info!(%addr, mode, "keyledger listening");
+    app.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
+    let inputs = Inputs {
+        data_dir: args.data_dir.clone(),
+        database_url: args.database_url.clone(),
+        // Migration touches no secret, but resolution wants them in PostgreSQL mode.
+        pepper: Some("migration-needs-no-pepper-000000000000".into()),
+        api_token: Some("migration-needs-no-token-0000000".into()),
+        ..Inputs::default()
+    };
+    let (settings, _) = Settings::resolve(inputs)?;
+    open_store(&settings).await?;
+    eprintln!("schema is up to date");
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The read side in this process: the verification index in memory and the listing table,
+//! fed from the event store.
+//!
+//! Both are folds over events that skip what they have already applied, so feeding them
+//! is the same whether the events come right after a commit, from a replay at start-up, or
+//! (later) from the events topic. A gap — an event whose predecessors this process has not
+//! seen, because another writer committed them — is filled from the store first.
+
+use std::sync::RwLock;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use keyledger_projections::{Lookup, VerificationIndex};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::{KeyHasher, LoginEmail, PresentedKey};
+use crate::store::{Store, StoreError, StoredRecord, REPLAY_PAGE};
+
+/// Why a key did not verify (for logs; the public error is the same for every reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rejection {
+    Malformed,
+    Unknown,
+    Expired,
+    Revoked,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Unknown => "unknown",
+            Rejection::Expired => "expired",
+            Rejection::Revoked => "revoked",
+        }
+    }
+}
+
+/// The facts of a valid key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ValidKey {
+    pub account_id: String,
+    pub key_id: Uuid,
+    pub label: String,
+    pub expires_at: DateTime<Utc>,
+    /// Present when a `from` address was asked about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_allowed: Option<bool>,
+}
+
+pub type VerifyOutcome = Result<ValidKey, Rejection>;
+
+/// Figures of a replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayStats {
+    pub events: u64,
+    pub accounts: u64,
+    pub seconds: f64,
+}
+
+pub struct ReadSide {
+    index: RwLock<VerificationIndex>,
+    hasher: KeyHasher,
+    default_from: Option<String>,
+}
+
+impl ReadSide {
+    pub fn new(hasher: KeyHasher, default_from: Option<String>) -> Self {
+        Self {
+            index: RwLock::new(VerificationIndex::new()),
+            hasher,
+            default_from,
+        }
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, VerificationIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, VerificationIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replays the whole store into the index and brings the listing table up to date.
+    pub async fn rebuild(&self, store: &Store) -> Result<ReplayStats, StoreError> {
+        let started = Instant::now();
+        let checkpoints = store.listing_checkpoints().await?;
+        let mut fresh = VerificationIndex::new();
+        let mut stats = ReplayStats::default();
+        let mut after: Option<(String, u64)> = None;
+        let mut behind: Vec<StoredRecord> = Vec::new();
+        loop {
+            let page = store
+                .events_page(after.as_ref().map(|(a, s)| (a.as_str(), *s)), REPLAY_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.account_id.clone(), last.sequence));
+            for record in page {
+                if fresh.applied(&record.account_id) == 0 {
+                    stats.accounts += 1;
+                }
+                fresh.apply(&record.account_id, record.sequence, &record.event);
+                stats.events += 1;
+                let checkpoint = checkpoints.get(&record.account_id).copied().unwrap_or(0);
+                if record.sequence > checkpoint {
+                    if behind.last().is_some_and(|b| b.account_id != record.account_id) {
+                        flush_listing(store, &mut behind).await?;
+                    }
+                    behind.push(record);
+                }
+            }
+        }
+        flush_listing(store, &mut behind).await?;
+        fresh.shrink_to_fit();
+        *self.index_mut() = fresh;
+        stats.seconds = started.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// Applies freshly committed `records` of one account (in order) to both read models.
+    pub async fn apply_committed(&self, store: &Store, account_id: &str, records: &[StoredRecord]) -> Result<(), StoreError> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        // The listing table: fill a gap from the store if another writer got ahead.
+        match store.apply_to_listing(account_id, records).await {
+            Err(StoreError::Gap { checkpoint }) => {
+                let missing = store.events_after(account_id, checkpoint).await?;
+                store.apply_to_listing(account_id, &missing).await?;
+            }
+            other => other?,
+        }
+        // The index.
+        let applied = self.index().applied(account_id);
+        let records_owned;
+        let to_apply: &[StoredRecord] = if first.sequence > applied + 1 {
+            records_owned = store.events_after(account_id, applied).await?;
+            &records_owned
+        } else {
+            records
+        };
+        let mut index = self.index_mut();
+        for r in to_apply {
+            index.apply(account_id, r.sequence, &r.event);
+        }
+        Ok(())
+    }
+
+    /// Verifies a presented key as of `now`, and answers the from-address rule when asked.
+    pub fn verify(&self, presented: &str, from: Option<&str>, now: DateTime<Utc>) -> VerifyOutcome {
+        let key = PresentedKey::parse(presented).map_err(|_| Rejection::Malformed)?;
+        let hash = self.hasher.hash(key.as_str());
+        let index = self.index();
+        match index.lookup(&hash, now) {
+            Lookup::Valid(v) => {
+                let from_allowed = from.map(|f| self.from_allowed(f, v.login_email));
+                Ok(ValidKey {
+                    account_id: v.account_id.to_owned(),
+                    key_id: v.key_id,
+                    label: v.label.to_owned(),
+                    expires_at: v.expires_at,
+                    from_allowed,
+                })
+            }
+            Lookup::Unknown => Err(Rejection::Unknown),
+            Lookup::Expired => Err(Rejection::Expired),
+            Lookup::Revoked => Err(Rejection::Revoked),
+        }
+    }
+
+    /// The custom-from-address rule: the account's login email, or the service's default
+    /// sender.
+    fn from_allowed(&self, from: &str, login_email: &str) -> bool {
+        let Ok(login) = LoginEmail::parse(login_email) else {
+            return false;
+        };
+        login.same_as(from)
+            || self
+                .default_from
+                .as_deref()
+                .and_then(|d| LoginEmail::parse(d).ok())
+                .is_some_and(|d| d.same_as(from))
+    }
+
+    /// Keys and accounts in the index, and its heap size.
+    pub fn index_stats(&self) -> keyledger_projections::IndexStats {
+        self.index().stats()
+    }
+}
+
+async fn flush_listing(store: &Store, behind: &mut Vec<StoredRecord>) -> Result<(), StoreError> {
+    if let Some(first) = behind.first() {
+        let account = first.account_id.clone();
+        store.apply_to_listing(&account, behind).await?;
+    }
+    behind.clear();
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Persistence: the event store (postgres-es or sqlite-es) and the listing table.
+//!
+//! cqrs-es gives us loading, committing and optimistic concurrency; what it does not give
+//! (reading events in order for replays and catch-up, the listing table with its
+//! checkpoint) is written here by hand, once per database, behind one [`Store`] type so the
+//! rest of the service does not care which database it runs on.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
+use cqrs_es::{AggregateError, EventEnvelope, EventStore};
+use keyledger_events::KeyringEvent;
+use keyledger_projections::ListingRow;
+use postgres_es::PostgresEventRepository;
+use sqlite_es::SqliteEventRepository;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+use uuid::Uuid;
+
+use crate::keyring::{Keyring, KeyringError};
+
+/// One stored event with its place in its account's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    pub account_id: String,
+    pub sequence: u64,
+    pub event: KeyringEvent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored event {account_id}#{sequence} cannot be read: {reason}")]
+    Corrupt {
+        account_id: String,
+        sequence: i64,
+        reason: String,
+    },
+    /// The listing has applied up to `checkpoint`; the events handed in start later.
+    #[error("listing is behind: checkpoint {checkpoint}")]
+    Gap { checkpoint: u64 },
+}
+
+type AggregateResult<T> = Result<T, AggregateError<KeyringError>>;
+
+enum Backend {
+    Postgres {
+        pool: PgPool,
+        events: PersistedEventStore<PostgresEventRepository, Keyring>,
+    },
+    Sqlite {
+        pool: SqlitePool,
+        events: PersistedEventStore<SqliteEventRepository, Keyring>,
+    },
+}
+
+/// The service's database: PostgreSQL in production, a SQLite file when embedded.
+pub struct Store {
+    backend: Backend,
+}
+
+/// How many events a replay reads per query.
+pub const REPLAY_PAGE: i64 = 5_000;
+
+impl Store {
+    /// Connects to PostgreSQL (the pool is built here: postgres-es's helper panics when the
+    /// database is down).
+    pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self::from_postgres(pool))
+    }
+
+    pub fn from_postgres(pool: PgPool) -> Self {
+        let events = PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+        Self {
+            backend: Backend::Postgres { pool, events },
+        }
+    }
+
+    /// Opens (creating if needed) the SQLite file at `path`. One connection: the embedded
+    /// mode favours simplicity over write concurrency.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let events = PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()));
+        Ok(Self {
+            backend: Backend::Sqlite { pool, events },
+        })
+    }
+
+    /// Creates or upgrades the schema (sqlx migrations checked in under `migrations/`).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Backend::Sqlite { pool, .. } => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres { .. })
+    }
+
+    /// Answers when the database does.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => sqlx::query("SELECT 1").execute(pool).await?,
+            Backend::Sqlite { pool, .. } => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                return Ok(());
+            }
+        };
+        Ok(())
+    }
+
+    pub async fn load(&self, account_id: &str) -> AggregateResult<EventStoreAggregateContext<Keyring>> {
+        match &self.backend {
+            Backend::Postgres { events, .. } => events.load_aggregate(account_id).await,
+            Backend::Sqlite { events, .. } => events.load_aggregate(account_id).await,
+        }
+    }
+
+    pub async fn commit(
+        &self,
+        events: Vec<crate::keyring::StoredEvent>,
+        context: EventStoreAggregateContext<Keyring>,
+        metadata: HashMap<String, String>,
+    ) -> AggregateResult<Vec<EventEnvelope<Keyring>>> {
+        match &self.backend {
+            Backend::Postgres { events: store, .. } => store.commit(events, context, metadata).await,
+            Backend::Sqlite { events: store, .. } => store.commit(events, context, metadata).await,
+        }
+    }
+
+    /// The events of `account_id` after `after`, in order.
+    pub async fn events_after(&self, account_id: &str, after: u64) -> Result<Vec<StoredRecord>, StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::events_after(pool, account_id, after).await,
+            Backend::Sqlite { pool, .. } => sqlite::events_after(pool, account_id, after).await,
+        }
+    }
+
+    /// One page of every account's events, ordered by (account, sequence), after the
+    /// position `after` (exclusive); pass `None` to start.
+    pub async fn events_page(
+        &self,
+        after: Option<(&str, u64)>,
+        limit: i64,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let (account, sequence) = after.unwrap_or(("", 0));
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::events_page(pool, account, sequence, limit).await,
+            Backend::Sqlite { pool, .. } => sqlite::events_page(pool, account, sequence, limit).await,
+        }
+    }
+
+    /// Applies `records` (all of one account, in order) to the listing table and moves its
+    /// checkpoint, in one transaction. Records at or below the checkpoint are skipped; a
+    /// gap before the first new record is reported as [`StoreError::Gap`].
+    pub async fn apply_to_listing(&self, account_id: &str, records: &[StoredRecord]) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::apply_to_listing(pool, account_id, records).await,
+            Backend::Sqlite { pool, .. } => sqlite::apply_to_listing(pool, account_id, records).await,
+        }
+    }
+
+    /// The listing checkpoints of every account.
+    pub async fn listing_checkpoints(&self) -> Result<HashMap<String, u64>, StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::listing_checkpoints(pool).await,
+            Backend::Sqlite { pool, .. } => sqlite::listing_checkpoints(pool).await,
+        }
+    }
+
+    /// The listing rows of one account, oldest first.
+    pub async fn listing_of(&self, account_id: &str) -> Result<Vec<ListingRow>, StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::listing_of(pool, account_id, None).await,
+            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, account_id, None).await,
+        }
+    }
+
+    /// One listing row.
+    pub async fn listing_row(&self, account_id: &str, key_id: Uuid) -> Result<Option<ListingRow>, StoreError> {
+        let rows = match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::listing_of(pool, account_id, Some(key_id)).await?,
+            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, account_id, Some(key_id)).await?,
+        };
+        Ok(rows.into_iter().next())
+    }
+}
+
+/// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
+fn decode(account_id: &str, sequence: i64, payload: &str) -> Result<StoredRecord, StoreError> {
+    let event: KeyringEvent = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
+        account_id: account_id.to_owned(),
+        sequence,
+        reason: e.to_string(),
+    })?;
+    Ok(StoredRecord {
+        account_id: account_id.to_owned(),
+        sequence: sequence.max(0) as u64,
+        event,
+    })
+}
+
+/// The records of `records` after `checkpoint`, or a gap error.
+fn unapplied(records: &[StoredRecord], checkpoint: u64) -> Result<&[StoredRecord], StoreError> {
+    let start = records.partition_point(|r| r.sequence <= checkpoint);
+    let rest = &records[start..];
+    match rest.first() {
+        Some(first) if first.sequence != checkpoint + 1 => Err(StoreError::Gap { checkpoint }),
+        _ => Ok(rest),
+    }
+}
+
+const LISTING: &str = "listing";
