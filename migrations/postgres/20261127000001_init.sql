@@ -6,7 +6,7 @@ CREATE TABLE IF NOT EXISTS events
 (
     aggregate_type text                          NOT NULL,
     aggregate_id   text                          NOT NULL,
-    sequence       integer CHECK (sequence >= 1) NOT NULL,
+    sequence       bigint CHECK (sequence >= 1)  NOT NULL,
     event_type     text                          NOT NULL,
     event_version  text                          NOT NULL,
     payload        json                          NOT NULL,

@@ -15,11 +15,11 @@ pub(super) async fn events_after(pool: &PgPool, account_id: &str, after: u64) ->
          WHERE aggregate_type = 'Keyring' AND aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
     )
     .bind(account_id)
-    .bind(after.min(i32::MAX as u64) as i32)
+    .bind(after.min(i64::MAX as u64) as i64)
     .fetch_all(pool)
     .await?;
     rows.iter()
-        .map(|r| decode(account_id, i64::from(r.get::<i32, _>("sequence")), r.get("payload")))
+        .map(|r| decode(account_id, r.get::<i64, _>("sequence"), r.get("payload")))
         .collect()
 }
 
@@ -35,12 +35,12 @@ pub(super) async fn events_page(
          ORDER BY aggregate_id, sequence LIMIT $3",
     )
     .bind(account)
-    .bind(sequence.min(i32::MAX as u64) as i32)
+    .bind(sequence.min(i64::MAX as u64) as i64)
     .bind(limit)
     .fetch_all(pool)
     .await?;
     rows.iter()
-        .map(|r| decode(r.get("aggregate_id"), i64::from(r.get::<i32, _>("sequence")), r.get("payload")))
+        .map(|r| decode(r.get("aggregate_id"), r.get::<i64, _>("sequence"), r.get("payload")))
         .collect()
 }
 

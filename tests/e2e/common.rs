@@ -1,0 +1,275 @@
+//! Test harness: a fresh PostgreSQL database (or SQLite folder) per test, the real
+//! application on a random port, an HTTP client, and every log line captured so tests can
+//! prove no secret reaches it.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use keyledger::app::Application;
+use keyledger::config::{Inputs, Settings};
+use keyledger::domain::Policy;
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
+pub const PEPPER: &str = "test-pepper-0123456789abcdef0123456789abcdef";
+pub const LOGIN: &str = "john.doe@agency.gov.sg";
+
+/// The PostgreSQL server the tests use (KEYLEDGER_TEST_DATABASE_URL, or the local one).
+pub fn admin_url() -> String {
+    std::env::var("KEYLEDGER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("//") && i > url.find("//").map(|j| j + 1).unwrap_or(0) => {
+            let (base, rest) = url.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{name}{query}")
+        }
+        _ => format!("{url}/{name}"),
+    }
+}
+
+/// Creates a fresh, empty database and returns its URL.
+pub async fn fresh_database() -> String {
+    let name = format!("kl_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&admin_url())
+        .await
+        .expect("PostgreSQL must be reachable (see scripts/test)");
+    conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+        .await
+        .expect("create database");
+    with_database(&admin_url(), &name)
+}
+
+/// A shared buffer that receives every log line of this test process.
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+
+/// Installs the capturing subscriber (trace level for keyledger) once per process.
+pub fn capture_logs() -> LogBuffer {
+    LOGS.get_or_init(|| {
+        let buffer = LogBuffer::default();
+        let writer = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("keyledger=trace,sqlx=debug,info"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+pub fn captured_logs() -> String {
+    let buf = capture_logs();
+    let bytes = buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Where a test app keeps its events.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    Postgres(String),
+    Embedded(PathBuf),
+}
+
+impl Backing {
+    pub async fn postgres() -> Self {
+        Backing::Postgres(fresh_database().await)
+    }
+
+    pub fn embedded(dir: &tempfile::TempDir) -> Self {
+        Backing::Embedded(dir.path().join("data"))
+    }
+}
+
+pub fn settings(backing: &Backing, policy: Policy) -> Settings {
+    let (database_url, data_dir) = match backing {
+        Backing::Postgres(url) => (Some(url.clone()), PathBuf::from("unused")),
+        Backing::Embedded(dir) => (None, dir.clone()),
+    };
+    let inputs = Inputs {
+        listen: "127.0.0.1:0".into(),
+        data_dir,
+        database_url,
+        pepper: Some(PEPPER.into()),
+        api_token: Some(TOKEN.into()),
+        policy,
+        default_from: Some("donotreply@mail.postman.gov.sg".into()),
+        max_db_connections: 8,
+    };
+    Settings::resolve(inputs).expect("valid settings").0
+}
+
+/// The real application, serving on a random port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub backing: Backing,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backing: Backing) -> Self {
+        Self::spawn_with(backing, Policy::default()).await
+    }
+
+    pub async fn spawn_with(backing: Backing, policy: Policy) -> Self {
+        capture_logs();
+        let app = Application::build(settings(&backing, policy)).await.expect("app builds");
+        let addr = app.local_addr().expect("bound");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            backing,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server (graceful) and starts a new one on the same data.
+    pub async fn restart(mut self) -> Self {
+        self.shutdown().await;
+        Self::spawn(self.backing.clone()).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        read(req.send().await.expect("request sent")).await
+    }
+
+    pub async fn generate(&self, account: &str, label: &str, contacts: &[&str]) -> (StatusCode, Value) {
+        let body = json!({"label": label, "contacts": contacts, "login_email": LOGIN});
+        self.call(reqwest::Method::POST, &format!("/v1/accounts/{account}/keys"), Some(body)).await
+    }
+
+    pub async fn list(&self, account: &str) -> Value {
+        let (status, body) = self.call(reqwest::Method::GET, &format!("/v1/accounts/{account}/keys"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn verify(&self, api_key: &str, from: Option<&str>) -> Value {
+        let mut body = json!({"api_key": api_key});
+        if let Some(f) = from {
+            body["from"] = json!(f);
+        }
+        let (status, body) = self.call(reqwest::Method::POST, "/v1/verify", Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Every event stored, as (account, sequence, type) — for "nothing changed" checks.
+    pub async fn event_count(&self) -> i64 {
+        match &self.backing {
+            Backing::Postgres(url) => {
+                let mut c = PgConnection::connect(url).await.expect("connect");
+                sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut c).await.expect("count")
+            }
+            Backing::Embedded(dir) => {
+                let path = dir.join("keyledger.db");
+                let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .expect("open sqlite");
+                sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut c).await.expect("count")
+            }
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn read(resp: Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    (status, value)
+}
+
+/// Every row of every table of a PostgreSQL database, as text.
+pub async fn dump_postgres(url: &str) -> String {
+    let mut c = PgConnection::connect(url).await.expect("connect");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) FROM information_schema.tables \
+         WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_type = 'BASE TABLE'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("tables");
+    let mut out = String::new();
+    for t in tables {
+        let rows: Vec<String> = sqlx::query_scalar(&format!("SELECT t::text FROM {t} t"))
+            .fetch_all(&mut c)
+            .await
+            .expect("rows");
+        out.push_str(&t);
+        out.push('\n');
+        for r in rows {
+            out.push_str(&r);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Every byte of the embedded store's files (database and write-ahead log).
+pub fn dump_files(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                out.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    out
+}

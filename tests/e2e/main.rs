@@ -1,0 +1,10 @@
+//! End-to-end tests: the real application on a random port, against a real PostgreSQL
+//! (a fresh database per test) or the embedded SQLite store in a temporary folder.
+//! One test binary, so the suite links once.
+
+mod common;
+
+mod bad_input;
+mod cli;
+mod concurrency;
+mod lifecycle;
