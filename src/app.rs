@@ -19,15 +19,18 @@ use crate::store::Store;
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    follower: Option<tokio::task::JoinHandle<()>>,
     pub state: AppState,
 }
 
 /// Opens the configured store and brings its schema up to date.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let store = match &settings.storage {
-        Storage::Postgres { url } => Store::connect_postgres(url.expose(), settings.max_db_connections)
-            .await
-            .context("cannot connect to PostgreSQL (KEYLEDGER_DATABASE_URL)")?,
+        Storage::Postgres { url } => {
+            Store::connect_postgres(url.expose(), settings.max_db_connections)
+                .await
+                .context("cannot connect to PostgreSQL (KEYLEDGER_DATABASE_URL)")?
+        }
         Storage::Embedded { data_dir } => {
             let path = DataFiles::in_dir(data_dir).database;
             Store::open_sqlite(&path)
@@ -35,7 +38,10 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
                 .with_context(|| format!("cannot open the embedded store {}", path.display()))?
         }
     };
-    store.migrate().await.context("cannot bring the database schema up to date")?;
+    store
+        .migrate()
+        .await
+        .context("cannot bring the database schema up to date")?;
     Ok(store)
 }
 
@@ -44,18 +50,39 @@ impl Application {
         let store = Arc::new(open_store(&settings).await?);
         let hasher = KeyHasher::new(settings.pepper.expose().as_bytes());
         let read_side = Arc::new(ReadSide::new(hasher.clone(), settings.default_from.clone()));
-        let stats = read_side.rebuild(&store).await.context("cannot rebuild the read side")?;
+        let stats = read_side
+            .rebuild(&store)
+            .await
+            .context("cannot rebuild the read side")?;
         tracing::info!(
             events = stats.events,
             accounts = stats.accounts,
             seconds = stats.seconds,
             "read side rebuilt from the event store"
         );
+        // Other instances' commits reach this one's index through LISTEN/NOTIFY.
+        let follower = match store
+            .listen()
+            .await
+            .context("cannot LISTEN for other instances' commits")?
+        {
+            Some(listener) => Some(tokio::spawn(follow_other_writers(
+                listener,
+                store.clone(),
+                read_side.clone(),
+            ))),
+            None => None,
+        };
         let services = KeyringServices {
             clock: settings.clock.clone(),
             policy: settings.policy.clone(),
         };
-        let handler = Arc::new(CommandHandler::new(store.clone(), services, hasher, read_side.clone()));
+        let handler = Arc::new(CommandHandler::new(
+            store.clone(),
+            services,
+            hasher,
+            read_side.clone(),
+        ));
         let state = AppState {
             handler,
             read_side,
@@ -69,6 +96,7 @@ impl Application {
         Ok(Self {
             listener,
             router: router(state.clone()),
+            follower,
             state,
         })
     }
@@ -78,10 +106,46 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let result = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        if let Some(f) = self.follower {
+            f.abort();
+        }
+        result
+    }
+}
+
+/// Follows commits of other instances sharing the database: each notification names an
+/// account, which is caught up from the store. When the listening connection was lost
+/// (notifications may have been missed), everything is replayed.
+async fn follow_other_writers(
+    mut listener: sqlx::postgres::PgListener,
+    store: Arc<Store>,
+    read_side: Arc<ReadSide>,
+) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(n)) => {
+                if let Err(e) = read_side.catch_up_account(&store, n.payload()).await {
+                    tracing::warn!(error = %e, "cannot catch up an account changed by another instance");
+                }
+            }
+            Ok(None) => {
+                tracing::warn!("lost the LISTEN connection; replaying the store to miss nothing");
+                if let Err(e) = read_side.rebuild(&store).await {
+                    tracing::warn!(error = %e, "replay after reconnect failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

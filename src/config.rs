@@ -48,7 +48,9 @@ pub enum ConfigError {
     MissingToken,
     #[error("KEYLEDGER_PEPPER is too short: at least {MIN_PEPPER_BYTES} bytes are required")]
     ShortPepper,
-    #[error("KEYLEDGER_API_TOKEN is too short: at least {MIN_TOKEN_BYTES} characters are required")]
+    #[error(
+        "KEYLEDGER_API_TOKEN is too short: at least {MIN_TOKEN_BYTES} characters are required"
+    )]
     ShortToken,
     #[error("cannot use the data directory {path}: {source}")]
     DataDir {
@@ -96,11 +98,21 @@ impl Settings {
             Some(url) => {
                 let pepper = inputs.pepper.ok_or(ConfigError::MissingPepper)?;
                 let token = inputs.api_token.ok_or(ConfigError::MissingToken)?;
-                (Storage::Postgres { url: SecretString::new(url) }, pepper, token, None)
+                (
+                    Storage::Postgres {
+                        url: SecretString::new(url),
+                    },
+                    pepper,
+                    token,
+                    None,
+                )
             }
             None => {
                 let dir = inputs.data_dir.clone();
-                let io = |source| ConfigError::DataDir { path: dir.clone(), source };
+                let io = |source| ConfigError::DataDir {
+                    path: dir.clone(),
+                    source,
+                };
                 std::fs::create_dir_all(&dir).map_err(io)?;
                 let files = DataFiles::in_dir(&dir);
                 let pepper = match inputs.pepper {
@@ -109,9 +121,17 @@ impl Settings {
                 };
                 let (token, token_path) = match inputs.api_token {
                     Some(t) => (t, None),
-                    None => (read_or_generate(&files.api_token, 32).map_err(io)?, Some(files.api_token)),
+                    None => (
+                        read_or_generate(&files.api_token, 32).map_err(io)?,
+                        Some(files.api_token),
+                    ),
                 };
-                (Storage::Embedded { data_dir: dir }, pepper, token, token_path)
+                (
+                    Storage::Embedded { data_dir: dir },
+                    pepper,
+                    token,
+                    token_path,
+                )
             }
         };
         if pepper.len() < MIN_PEPPER_BYTES {
@@ -177,13 +197,19 @@ mod tests {
             api_token: Some("t".repeat(32)),
             ..Inputs::default()
         };
-        assert!(matches!(Settings::resolve(inputs), Err(ConfigError::MissingPepper)));
+        assert!(matches!(
+            Settings::resolve(inputs),
+            Err(ConfigError::MissingPepper)
+        ));
         let inputs = Inputs {
             database_url: Some("postgres://x".into()),
             pepper: Some("p".repeat(32)),
             ..Inputs::default()
         };
-        assert!(matches!(Settings::resolve(inputs), Err(ConfigError::MissingToken)));
+        assert!(matches!(
+            Settings::resolve(inputs),
+            Err(ConfigError::MissingToken)
+        ));
     }
 
     #[cfg(unix)]
@@ -197,9 +223,15 @@ mod tests {
         };
         let (first, token_path) = Settings::resolve(inputs.clone()).expect("resolves");
         let token_path = token_path.expect("embedded token path");
-        let mode = std::fs::metadata(&token_path).expect("exists").permissions().mode();
+        let mode = std::fs::metadata(&token_path)
+            .expect("exists")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let pepper_mode = std::fs::metadata(dir.path().join("data/pepper")).expect("exists").permissions().mode();
+        let pepper_mode = std::fs::metadata(dir.path().join("data/pepper"))
+            .expect("exists")
+            .permissions()
+            .mode();
         assert_eq!(pepper_mode & 0o777, 0o600);
         let (second, _) = Settings::resolve(inputs).expect("resolves again");
         assert_eq!(first.api_token.expose(), second.api_token.expose());

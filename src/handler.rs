@@ -21,7 +21,9 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
-use crate::keyring::{KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial};
+use crate::keyring::{
+    KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial,
+};
 use crate::read_side::ReadSide;
 use crate::store::{Store, StoredRecord};
 
@@ -80,7 +82,12 @@ pub struct CommandHandler {
 }
 
 impl CommandHandler {
-    pub fn new(store: Arc<Store>, services: KeyringServices, hasher: KeyHasher, read_side: Arc<ReadSide>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        services: KeyringServices,
+        hasher: KeyHasher,
+        read_side: Arc<ReadSide>,
+    ) -> Self {
         Self {
             store,
             services,
@@ -131,9 +138,15 @@ impl CommandHandler {
             }
             let metadata = HashMap::from([
                 ("command_id".to_owned(), request.command_id.to_string()),
-                ("command_type".to_owned(), request.command.command_type().as_str().to_owned()),
+                (
+                    "command_type".to_owned(),
+                    request.command.command_type().as_str().to_owned(),
+                ),
                 ("issued_by".to_owned(), request.issued_by.clone()),
-                ("recorded_at".to_owned(), self.services.clock.now().to_rfc3339()),
+                (
+                    "recorded_at".to_owned(),
+                    self.services.clock.now().to_rfc3339(),
+                ),
             ]);
             match self.store.commit(events, context, metadata).await {
                 Ok(committed) => {
@@ -145,7 +158,11 @@ impl CommandHandler {
                             event: e.payload.0,
                         })
                         .collect();
-                    if let Err(e) = self.read_side.apply_committed(&self.store, account, &records).await {
+                    if let Err(e) = self
+                        .read_side
+                        .apply_committed(&self.store, account, &records)
+                        .await
+                    {
                         // The events are safely stored; the read side catches up on the next
                         // command of this account or at the next start.
                         tracing::error!(account_id = account, error = %e, "read side lags behind the store");
@@ -173,9 +190,15 @@ impl CommandHandler {
 
     /// Mints a new key when the command needs one. Where the login email is unusable no
     /// material is minted and the aggregate rejects the command with the precise reason.
-    fn mint_for(&self, keyring: &Keyring, command: &Command) -> (Option<NewKeyMaterial>, Option<PlaintextKey>) {
+    fn mint_for(
+        &self,
+        keyring: &Keyring,
+        command: &Command,
+    ) -> (Option<NewKeyMaterial>, Option<PlaintextKey>) {
         let login = match command {
-            Command::GenerateKey { login_email, .. } => keyring.login_email().unwrap_or(login_email),
+            Command::GenerateKey { login_email, .. } => {
+                keyring.login_email().unwrap_or(login_email)
+            }
             Command::RotateKey { .. } => keyring.login_email().unwrap_or_default(),
             Command::MigrateLegacyKey { .. } => {
                 let material = NewKeyMaterial {
@@ -211,7 +234,10 @@ fn unavailable(e: AggregateError<KeyringError>) -> HandleError {
 }
 
 /// The key a command created or acted on, and the old key of a rotation.
-fn affected(keyring: &Keyring, events: &[crate::keyring::StoredEvent]) -> (Option<KeyFacts>, Option<KeyFacts>) {
+fn affected(
+    keyring: &Keyring,
+    events: &[crate::keyring::StoredEvent],
+) -> (Option<KeyFacts>, Option<KeyFacts>) {
     let mut key = None;
     let mut rotated = None;
     for e in events {

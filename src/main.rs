@@ -30,11 +30,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("KEYLEDGER_KAFKA_BROKERS is set, but this build does not run the bus yet; serving HTTP only");
     }
     let (settings, token_path) = Settings::resolve(args.inputs())?;
-    let mode = if args.storage.database_url.is_some() { "postgresql" } else { "embedded" };
+    let mode = if args.storage.database_url.is_some() {
+        "postgresql"
+    } else {
+        "embedded"
+    };
     let app = Application::build(settings).await?;
     let addr = app.local_addr()?;
     if let Some(path) = token_path {
-        eprintln!("keyledger (embedded, data in {}) — API token in {}", args.storage.data_dir.display(), path.display());
+        eprintln!(
+            "keyledger (embedded, data in {}) — API token in {}",
+            args.storage.data_dir.display(),
+            path.display()
+        );
     }
     tracing::info!(%addr, mode, "keyledger listening");
     app.run_until(shutdown_signal()).await?;

@@ -105,7 +105,10 @@ impl ReadSide {
                 stats.events += 1;
                 let checkpoint = checkpoints.get(&record.account_id).copied().unwrap_or(0);
                 if record.sequence > checkpoint {
-                    if behind.last().is_some_and(|b| b.account_id != record.account_id) {
+                    if behind
+                        .last()
+                        .is_some_and(|b| b.account_id != record.account_id)
+                    {
                         flush_listing(store, &mut behind).await?;
                     }
                     behind.push(record);
@@ -120,7 +123,12 @@ impl ReadSide {
     }
 
     /// Applies freshly committed `records` of one account (in order) to both read models.
-    pub async fn apply_committed(&self, store: &Store, account_id: &str, records: &[StoredRecord]) -> Result<(), StoreError> {
+    pub async fn apply_committed(
+        &self,
+        store: &Store,
+        account_id: &str,
+        records: &[StoredRecord],
+    ) -> Result<(), StoreError> {
         let Some(first) = records.first() else {
             return Ok(());
         };
@@ -132,12 +140,12 @@ impl ReadSide {
             }
             other => other?,
         }
-        // The index.
+        // The index: the same.
         let applied = self.index().applied(account_id);
-        let records_owned;
+        let fetched;
         let to_apply: &[StoredRecord] = if first.sequence > applied + 1 {
-            records_owned = store.events_after(account_id, applied).await?;
-            &records_owned
+            fetched = store.events_after(account_id, applied).await?;
+            &fetched
         } else {
             records
         };
@@ -148,6 +156,17 @@ impl ReadSide {
         Ok(())
     }
 
+    /// Brings one account up to date from the store (after another instance wrote to it).
+    pub async fn catch_up_account(
+        &self,
+        store: &Store,
+        account_id: &str,
+    ) -> Result<(), StoreError> {
+        let applied = self.index().applied(account_id);
+        let records = store.events_after(account_id, applied).await?;
+        self.apply_committed(store, account_id, &records).await
+    }
+
     /// Verifies a presented key as of `now`, and answers the from-address rule when asked.
     pub fn verify(&self, presented: &str, from: Option<&str>, now: DateTime<Utc>) -> VerifyOutcome {
         let key = PresentedKey::parse(presented).map_err(|_| Rejection::Malformed)?;
@@ -155,7 +174,7 @@ impl ReadSide {
         let index = self.index();
         match index.lookup(&hash, now) {
             Lookup::Valid(v) => {
-                let from_allowed = from.map(|f| self.from_allowed(f, v.login_email));
+                let from_allowed = from.map(|f| self.may_send_as(f, v.login_email));
                 Ok(ValidKey {
                     account_id: v.account_id.to_owned(),
                     key_id: v.key_id,
@@ -172,7 +191,7 @@ impl ReadSide {
 
     /// The custom-from-address rule: the account's login email, or the service's default
     /// sender.
-    fn from_allowed(&self, from: &str, login_email: &str) -> bool {
+    fn may_send_as(&self, from: &str, login_email: &str) -> bool {
         let Ok(login) = LoginEmail::parse(login_email) else {
             return false;
         };

@@ -320,8 +320,7 @@ impl VerificationIndex {
 
     /// Sizes of the index, to measure memory per key.
     pub fn stats(&self) -> IndexStats {
-        let map = self.by_prefix.capacity()
-            * (std::mem::size_of::<(Prefix, u32)>() + 1);
+        let map = self.by_prefix.capacity() * (std::mem::size_of::<(Prefix, u32)>() + 1);
         let entries = self.entries.capacity() * std::mem::size_of::<Entry>();
         let accounts: usize = self
             .accounts
@@ -406,8 +405,16 @@ mod tests {
         assert_eq!(ix.lookup(&[3u8; 32], now), Lookup::Unknown);
         let mut near = h1;
         near[31] ^= 1;
-        assert_eq!(ix.lookup(&near, now), Lookup::Unknown, "all 32 bytes compared");
-        assert_eq!(ix.lookup(&h1, later), Lookup::Expired, "expiry checked at lookup");
+        assert_eq!(
+            ix.lookup(&near, now),
+            Lookup::Unknown,
+            "all 32 bytes compared"
+        );
+        assert_eq!(
+            ix.lookup(&h1, later),
+            Lookup::Expired,
+            "expiry checked at lookup"
+        );
         ix.apply(
             "acc",
             3,

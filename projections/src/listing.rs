@@ -65,10 +65,20 @@ impl ListingRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListingChange {
     Insert(ListingRow),
-    SetContacts { key_id: Uuid, contacts: Vec<String> },
-    SetExpiry { key_id: Uuid, expires_at: DateTime<Utc> },
-    MarkExpired { key_id: Uuid },
-    Remove { key_id: Uuid },
+    SetContacts {
+        key_id: Uuid,
+        contacts: Vec<String>,
+    },
+    SetExpiry {
+        key_id: Uuid,
+        expires_at: DateTime<Utc>,
+    },
+    MarkExpired {
+        key_id: Uuid,
+    },
+    Remove {
+        key_id: Uuid,
+    },
     Nothing,
 }
 
@@ -211,7 +221,10 @@ mod tests {
             rotated_at: cut,
         });
         assert!(l.apply("acc", 3, &rotated));
-        assert!(!l.apply("acc", 3, &rotated), "a replayed sequence is skipped");
+        assert!(
+            !l.apply("acc", 3, &rotated),
+            "a replayed sequence is skipped"
+        );
         let row = |l: &Listing, k| l.rows_of("acc").into_iter().find(|r| r.key_id == k);
         assert_eq!(row(&l, k1).map(|r| r.expires_at), Some(cut));
         let revoked = KeyringEvent::KeyRevoked(KeyRevoked {
@@ -223,6 +236,9 @@ mod tests {
         let rows = l.rows_of("acc");
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].key_id, k2);
-        assert_eq!(rows[0].status_at(cut + chrono::Duration::days(365)), KeyStatus::Expired);
+        assert_eq!(
+            rows[0].status_at(cut + chrono::Duration::days(365)),
+            KeyStatus::Expired
+        );
     }
 }

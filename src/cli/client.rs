@@ -23,7 +23,12 @@ impl Client {
                 let path = DataFiles::in_dir(&args.data_dir).api_token;
                 std::fs::read_to_string(&path)
                     .map(|s| s.trim().to_owned())
-                    .with_context(|| format!("no --token or KEYLEDGER_API_TOKEN, and no token file at {}", path.display()))?
+                    .with_context(|| {
+                        format!(
+                            "no --token or KEYLEDGER_API_TOKEN, and no token file at {}",
+                            path.display()
+                        )
+                    })?
             }
         };
         Ok(Self {
@@ -33,7 +38,12 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
@@ -41,7 +51,10 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value = if text.is_empty() {
@@ -69,20 +82,60 @@ fn enc(s: &str) -> String {
 pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result<()> {
     let c = Client::new(client)?;
     let (status, body) = match action {
-        KeysAction::Generate { account, label, contacts, login_email } => {
+        KeysAction::Generate {
+            account,
+            label,
+            contacts,
+            login_email,
+        } => {
             let body = json!({"label": label, "contacts": contacts, "login_email": login_email});
-            c.call(Method::POST, &format!("/v1/accounts/{}/keys", enc(&account)), Some(body)).await?
+            c.call(
+                Method::POST,
+                &format!("/v1/accounts/{}/keys", enc(&account)),
+                Some(body),
+            )
+            .await?
         }
-        KeysAction::List { account } => c.call(Method::GET, &format!("/v1/accounts/{}/keys", enc(&account)), None).await?,
-        KeysAction::Contacts { account, key_id, contacts } => {
-            let path = format!("/v1/accounts/{}/keys/{}/contacts", enc(&account), enc(&key_id));
-            c.call(Method::PUT, &path, Some(json!({"contacts": contacts}))).await?
+        KeysAction::List { account } => {
+            c.call(
+                Method::GET,
+                &format!("/v1/accounts/{}/keys", enc(&account)),
+                None,
+            )
+            .await?
+        }
+        KeysAction::Contacts {
+            account,
+            key_id,
+            contacts,
+        } => {
+            let path = format!(
+                "/v1/accounts/{}/keys/{}/contacts",
+                enc(&account),
+                enc(&key_id)
+            );
+            c.call(Method::PUT, &path, Some(json!({"contacts": contacts})))
+                .await?
         }
         KeysAction::Revoke { account, key_id } => {
-            c.call(Method::DELETE, &format!("/v1/accounts/{}/keys/{}", enc(&account), enc(&key_id)), None).await?
+            c.call(
+                Method::DELETE,
+                &format!("/v1/accounts/{}/keys/{}", enc(&account), enc(&key_id)),
+                None,
+            )
+            .await?
         }
-        KeysAction::Rotate { account, key_id, label, grace_seconds } => {
-            let path = format!("/v1/accounts/{}/keys/{}/rotate", enc(&account), enc(&key_id));
+        KeysAction::Rotate {
+            account,
+            key_id,
+            label,
+            grace_seconds,
+        } => {
+            let path = format!(
+                "/v1/accounts/{}/keys/{}/rotate",
+                enc(&account),
+                enc(&key_id)
+            );
             let mut body = json!({"label": label});
             if let Some(g) = grace_seconds {
                 body["grace_seconds"] = json!(g);
@@ -91,26 +144,40 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
         }
         KeysAction::Verify { from } => {
             let mut key = String::new();
-            std::io::stdin().read_to_string(&mut key).context("cannot read the key from standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut key)
+                .context("cannot read the key from standard input")?;
             let mut body = json!({"api_key": key.trim()});
             if let Some(f) = from {
                 body["from"] = json!(f);
             }
             c.call(Method::POST, "/v1/verify", Some(body)).await?
         }
-        KeysAction::MigrateLegacy { account, login_email, legacy_hash, created_at } => {
+        KeysAction::MigrateLegacy {
+            account,
+            login_email,
+            legacy_hash,
+            created_at,
+        } => {
             let mut body = json!({"login_email": login_email, "legacy_hash": legacy_hash});
             if let Some(t) = created_at {
                 body["created_at"] = json!(t);
             }
-            c.call(Method::POST, &format!("/v1/accounts/{}/legacy-key", enc(&account)), Some(body)).await?
+            c.call(
+                Method::POST,
+                &format!("/v1/accounts/{}/legacy-key", enc(&account)),
+                Some(body),
+            )
+            .await?
         }
     };
     if !body.is_null() {
         println!("{}", serde_json::to_string_pretty(&body)?);
     }
     if !status.is_success() {
-        let message = body["error"]["message"].as_str().unwrap_or("request failed");
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("request failed");
         bail!("{} ({})", message, status);
     }
     Ok(())

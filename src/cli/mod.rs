@@ -14,10 +14,20 @@ use crate::domain::Policy;
 pub use client::run_keys;
 
 #[derive(Debug, Parser)]
-#[command(name = "keyledger", version, about = "Event-sourced lifecycle of API keys: generate, list, rotate, revoke, expire, migrate, verify.")]
+#[command(
+    name = "keyledger",
+    version,
+    about = "Event-sourced lifecycle of API keys: generate, list, rotate, revoke, expire, migrate, verify."
+)]
 pub struct Cli {
     /// Log format on standard error.
-    #[arg(long, global = true, env = "KEYLEDGER_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYLEDGER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Commands,
@@ -70,10 +80,18 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYLEDGER_MAX_LIVE_KEYS", default_value_t = 50)]
     pub max_live_keys: usize,
     /// Default grace of a rotated key, in seconds.
-    #[arg(long, env = "KEYLEDGER_ROTATION_GRACE_SECONDS", default_value_t = 86_400)]
+    #[arg(
+        long,
+        env = "KEYLEDGER_ROTATION_GRACE_SECONDS",
+        default_value_t = 86_400
+    )]
     pub rotation_grace_seconds: i64,
     /// Fixed expiry of migrated legacy keys (RFC 3339).
-    #[arg(long, env = "KEYLEDGER_LEGACY_EXPIRY", default_value = "2024-04-21T00:00:00Z")]
+    #[arg(
+        long,
+        env = "KEYLEDGER_LEGACY_EXPIRY",
+        default_value = "2024-04-21T00:00:00Z"
+    )]
     pub legacy_expiry: DateTime<Utc>,
     /// The service's default from address, always allowed as a sender.
     #[arg(long, env = "KEYLEDGER_DEFAULT_FROM")]
@@ -98,7 +116,8 @@ impl ServeArgs {
             policy: Policy {
                 validity_months: self.key_validity_months,
                 max_live_keys: self.max_live_keys,
-                default_grace: Duration::seconds(self.rotation_grace_seconds.max(0)).min(defaults.max_grace),
+                default_grace: Duration::seconds(self.rotation_grace_seconds.max(0))
+                    .min(defaults.max_grace),
                 max_grace: defaults.max_grace,
                 legacy_expiry: self.legacy_expiry,
             },
@@ -111,7 +130,11 @@ impl ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Base URL of a running keyledger.
-    #[arg(long, env = "KEYLEDGER_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "KEYLEDGER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Bearer token; defaults to the embedded server's generated token in the data folder.
     #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]

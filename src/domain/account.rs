@@ -56,6 +56,9 @@ mod tests {
         assert!(AccountId::parse("acc-42").is_ok());
         assert_eq!(AccountId::parse(""), Err(AccountIdError::Empty));
         assert_eq!(AccountId::parse("a/b"), Err(AccountIdError::BadCharacter));
-        assert_eq!(AccountId::parse(&"x".repeat(129)), Err(AccountIdError::TooLong));
+        assert_eq!(
+            AccountId::parse(&"x".repeat(129)),
+            Err(AccountIdError::TooLong)
+        );
     }
 }

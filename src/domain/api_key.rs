@@ -243,17 +243,35 @@ mod tests {
 
     #[test]
     fn the_pepper_changes_the_hash() {
-        assert_ne!(KeyHasher::new(b"a").hash("k"), KeyHasher::new(b"b").hash("k"));
+        assert_ne!(
+            KeyHasher::new(b"a").hash("k"),
+            KeyHasher::new(b"b").hash("k")
+        );
     }
 
     #[test]
     fn malformed_keys_are_told_apart() {
         let secret = "A".repeat(44);
-        assert_eq!(PresentedKey::parse("nounderscores").err(), Some(MalformedKey::Parts));
-        assert_eq!(PresentedKey::parse(&format!("_v1_{secret}")).err(), Some(MalformedKey::Username));
-        assert_eq!(PresentedKey::parse(&format!("jo_v2_{secret}")).err(), Some(MalformedKey::Version));
-        assert_eq!(PresentedKey::parse("jo_v1_short").err(), Some(MalformedKey::Secret));
-        assert_eq!(PresentedKey::parse(&format!("jo_v1_{}", "_".repeat(44))).err(), Some(MalformedKey::Secret));
+        assert_eq!(
+            PresentedKey::parse("nounderscores").err(),
+            Some(MalformedKey::Parts)
+        );
+        assert_eq!(
+            PresentedKey::parse(&format!("_v1_{secret}")).err(),
+            Some(MalformedKey::Username)
+        );
+        assert_eq!(
+            PresentedKey::parse(&format!("jo_v2_{secret}")).err(),
+            Some(MalformedKey::Version)
+        );
+        assert_eq!(
+            PresentedKey::parse("jo_v1_short").err(),
+            Some(MalformedKey::Secret)
+        );
+        assert_eq!(
+            PresentedKey::parse(&format!("jo_v1_{}", "_".repeat(44))).err(),
+            Some(MalformedKey::Secret)
+        );
         assert!(PresentedKey::parse(&format!("jo_v1_{secret}")).is_ok());
     }
 

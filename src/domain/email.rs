@@ -166,8 +166,19 @@ mod tests {
 
     #[test]
     fn rejects_invalid_addresses() {
-        for bad in ["", "plain", "a@b", "a@@b.sg", "John <j@x.sg>", "a@[127.0.0.1]", "a b@x.sg"] {
-            assert!(ContactEmail::parse(bad).is_err(), "{bad} should be rejected");
+        for bad in [
+            "",
+            "plain",
+            "a@b",
+            "a@@b.sg",
+            "John <j@x.sg>",
+            "a@[127.0.0.1]",
+            "a b@x.sg",
+        ] {
+            assert!(
+                ContactEmail::parse(bad).is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 
@@ -177,7 +188,10 @@ mod tests {
         let many: Vec<String> = (0..21).map(|i| format!("u{i}@x.gov.sg")).collect();
         assert_eq!(Contacts::parse(&many), Err(ContactsError::TooMany(21)));
         let dup = Contacts::parse(&["a@x.gov.sg", "A@X.GOV.SG"]);
-        assert!(matches!(dup, Err(ContactsError::Duplicate { index: 1, .. })));
+        assert!(matches!(
+            dup,
+            Err(ContactsError::Duplicate { index: 1, .. })
+        ));
         let ok = Contacts::parse(&["a@x.gov.sg", "b@x.gov.sg"]).expect("valid");
         assert_eq!(ok.to_strings(), vec!["a@x.gov.sg", "b@x.gov.sg"]);
     }

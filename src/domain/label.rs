@@ -56,10 +56,19 @@ mod tests {
 
     #[test]
     fn trims_and_bounds() {
-        assert_eq!(Label::parse("  prod  ").map(Label::into_string), Ok("prod".into()));
+        assert_eq!(
+            Label::parse("  prod  ").map(Label::into_string),
+            Ok("prod".into())
+        );
         assert_eq!(Label::parse("   "), Err(LabelError::Empty));
-        assert!(Label::parse(&"é".repeat(255)).is_ok(), "counts characters, not bytes");
-        assert_eq!(Label::parse(&"a".repeat(256)), Err(LabelError::TooLong(256)));
+        assert!(
+            Label::parse(&"é".repeat(255)).is_ok(),
+            "counts characters, not bytes"
+        );
+        assert_eq!(
+            Label::parse(&"a".repeat(256)),
+            Err(LabelError::TooLong(256))
+        );
         assert_eq!(Label::parse("a\u{0}b"), Err(LabelError::ControlCharacter));
     }
 }

@@ -48,7 +48,11 @@ mod tests {
     #[test]
     fn six_calendar_months_clamped_to_month_end() {
         let p = Policy::default();
-        let t = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 8, 0, 0).single().expect("valid");
+        let t = |y, m, d| {
+            Utc.with_ymd_and_hms(y, m, d, 8, 0, 0)
+                .single()
+                .expect("valid")
+        };
         assert_eq!(p.expiry_for(t(2026, 1, 15)), t(2026, 7, 15));
         assert_eq!(p.expiry_for(t(2026, 8, 31)), t(2027, 2, 28));
     }

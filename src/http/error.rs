@@ -83,8 +83,12 @@ impl From<HandleError> for ApiError {
     fn from(e: HandleError) -> Self {
         match e {
             HandleError::Rejected(e) => e.into(),
-            HandleError::Contended => Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
-            HandleError::Unavailable(_) => Self::unavailable("the event store is unavailable; try again"),
+            HandleError::Contended => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+            }
+            HandleError::Unavailable(_) => {
+                Self::unavailable("the event store is unavailable; try again")
+            }
         }
     }
 }
@@ -99,9 +103,17 @@ impl From<crate::store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(code = self.code, status = self.status.as_u16(), "request failed");
+            tracing::warn!(
+                code = self.code,
+                status = self.status.as_u16(),
+                "request failed"
+            );
         } else {
-            tracing::info!(code = self.code, status = self.status.as_u16(), "request rejected");
+            tracing::info!(
+                code = self.code,
+                status = self.status.as_u16(),
+                "request rejected"
+            );
         }
         let body = Envelope {
             error: ErrorBody {

@@ -36,8 +36,13 @@ fn json_error(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::invalid_request("the body must be JSON with 'Content-Type: application/json'")
         }
-        JsonRejection::JsonSyntaxError(e) => ApiError::invalid_request(format!("the body is not valid JSON: {}", e.body_text())),
-        JsonRejection::JsonDataError(e) => ApiError::invalid_request(format!("the body does not match the request: {}", e.body_text())),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::invalid_request(format!("the body is not valid JSON: {}", e.body_text()))
+        }
+        JsonRejection::JsonDataError(e) => ApiError::invalid_request(format!(
+            "the body does not match the request: {}",
+            e.body_text()
+        )),
         other => ApiError::new(other.status(), "invalid_request", other.body_text()),
     }
 }
@@ -56,7 +61,11 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
 }
 
 /// Middleware: every route it wraps needs `Authorization: Bearer <token>`.
-pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -65,7 +74,9 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
         .map(str::trim);
     match presented {
         // blake3::Hash compares in constant time.
-        Some(token) if blake3::hash(token.as_bytes()) == state.token_hash => Ok(next.run(req).await),
+        Some(token) if blake3::hash(token.as_bytes()) == state.token_hash => {
+            Ok(next.run(req).await)
+        }
         _ => Err(ApiError::unauthorized()),
     }
 }

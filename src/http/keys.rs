@@ -92,10 +92,21 @@ fn account(raw: &str) -> Result<AccountId, ApiError> {
 
 /// A key id in a path: anything that is not a UUID names no key.
 fn key_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "key_not_found", format!("no key '{raw}' in this account")))
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no key '{raw}' in this account"),
+        )
+    })
 }
 
-async fn run(state: &AppState, headers: &HeaderMap, account_id: AccountId, command: Command) -> Result<Outcome, ApiError> {
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    account_id: AccountId,
+    command: Command,
+) -> Result<Outcome, ApiError> {
     let command_id = idempotency_key(headers)?.unwrap_or_else(Uuid::now_v7);
     let outcome = state
         .handler
@@ -114,7 +125,11 @@ fn key_view(outcome: &Outcome, now: DateTime<Utc>) -> Result<KeyView, ApiError> 
         .key
         .as_ref()
         .ok_or_else(|| ApiError::from(KeyringError::Internal("the command named no key".into())))?;
-    let status = if key.is_live_at(now) { "active" } else { "expired" };
+    let status = if key.is_live_at(now) {
+        "active"
+    } else {
+        "expired"
+    };
     Ok(KeyView {
         key_id: key.key_id,
         api_key: outcome.api_key.as_ref().map(|k| k.expose().to_owned()),
@@ -135,7 +150,8 @@ fn created(outcome: Outcome, now: DateTime<Utc>) -> Result<Response, ApiError> {
         Status::Accepted => (StatusCode::CREATED, Json(view)).into_response(),
         Status::Duplicate => {
             let mut r = (StatusCode::OK, Json(view)).into_response();
-            r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            r.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
             r
         }
     })
@@ -157,7 +173,10 @@ pub async fn generate(
     created(outcome, state.clock.now())
 }
 
-pub async fn list(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+) -> Result<Response, ApiError> {
     let account_id = account(&account_id)?;
     let now = state.clock.now();
     let rows = state.store.listing_of(account_id.as_str()).await?;

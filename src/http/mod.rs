@@ -35,14 +35,32 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
-        .route("/v1/accounts/{account_id}/keys", post(keys::generate).get(keys::list))
-        .route("/v1/accounts/{account_id}/keys/{key_id}/contacts", put(keys::update_contacts))
-        .route("/v1/accounts/{account_id}/keys/{key_id}", delete(keys::revoke))
-        .route("/v1/accounts/{account_id}/keys/{key_id}/rotate", post(keys::rotate))
-        .route("/v1/accounts/{account_id}/legacy-key", post(keys::migrate_legacy))
+        .route(
+            "/v1/accounts/{account_id}/keys",
+            post(keys::generate).get(keys::list),
+        )
+        .route(
+            "/v1/accounts/{account_id}/keys/{key_id}/contacts",
+            put(keys::update_contacts),
+        )
+        .route(
+            "/v1/accounts/{account_id}/keys/{key_id}",
+            delete(keys::revoke),
+        )
+        .route(
+            "/v1/accounts/{account_id}/keys/{key_id}/rotate",
+            post(keys::rotate),
+        )
+        .route(
+            "/v1/accounts/{account_id}/legacy-key",
+            post(keys::migrate_legacy),
+        )
         .route("/v1/verify", post(verify::verify))
         .route("/openapi.yaml", get(openapi))
-        .route_layer(middleware::from_fn_with_state(state.clone(), extract::require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            extract::require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)

@@ -16,13 +16,20 @@ pub struct VerifyBody {
     from: Option<String>,
 }
 
-pub async fn verify(State(state): State<AppState>, ApiJson(body): ApiJson<VerifyBody>) -> Result<Json<Value>, ApiError> {
-    let outcome = state.read_side.verify(&body.api_key, body.from.as_deref(), state.clock.now());
+pub async fn verify(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<VerifyBody>,
+) -> Result<Json<Value>, ApiError> {
+    let outcome = state
+        .read_side
+        .verify(&body.api_key, body.from.as_deref(), state.clock.now());
     Ok(Json(match outcome {
         Ok(valid) => {
             tracing::debug!(account_id = %valid.account_id, key_id = %valid.key_id, "key verified");
             let mut v = json!({"valid": true});
-            if let (Value::Object(map), Ok(Value::Object(facts))) = (&mut v, serde_json::to_value(&valid)) {
+            if let (Value::Object(map), Ok(Value::Object(facts))) =
+                (&mut v, serde_json::to_value(&valid))
+            {
                 map.extend(facts);
             }
             v

@@ -26,7 +26,9 @@ use uuid::Uuid;
 
 pub use error::KeyringError;
 
-use crate::domain::{legacy_hash_username, Clock, Contacts, Label, LegacyHashError, LoginEmail, Policy};
+use crate::domain::{
+    legacy_hash_username, Clock, Contacts, Label, LegacyHashError, LoginEmail, Policy,
+};
 
 /// The cqrs-es event type: the contract's events, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,7 +156,10 @@ impl Keyring {
     }
 
     fn existing(&self, key_id: Uuid) -> Result<&KeyFacts, KeyringError> {
-        let key = self.keys.get(&key_id).ok_or(KeyringError::KeyNotFound(key_id))?;
+        let key = self
+            .keys
+            .get(&key_id)
+            .ok_or(KeyringError::KeyNotFound(key_id))?;
         if key.state == KeyState::Revoked {
             return Err(KeyringError::KeyRevoked(key_id));
         }

@@ -16,7 +16,9 @@ use crate::domain::{ContactsError, LabelError, ManualClock, Policy};
 const LOGIN: &str = "john.doe@agency.gov.sg";
 
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 15, 2, 0, 0).single().expect("valid time")
+    Utc.with_ymd_and_hms(2026, 1, 15, 2, 0, 0)
+        .single()
+        .expect("valid time")
 }
 
 fn services_at(now: DateTime<Utc>, policy: Policy) -> KeyringServices {
@@ -101,18 +103,33 @@ async fn generate_issues_a_key_valid_six_calendar_months() {
     let mut expected = generated(1, 10, "prod", t0());
     if let KeyringEvent::KeyGenerated(e) = &mut expected.0 {
         e.contacts = vec!["ops@agency.gov.sg".into(), "Jane@agency.gov.sg".into()];
-        assert_eq!(e.expires_at, Utc.with_ymd_and_hms(2026, 7, 15, 2, 0, 0).single().expect("t"));
+        assert_eq!(
+            e.expires_at,
+            Utc.with_ymd_and_hms(2026, 7, 15, 2, 0, 0)
+                .single()
+                .expect("t")
+        );
     }
     framework_at(t0())
         .given_no_previous_events()
-        .when_async(generate(1, 10, " prod ", &["ops@Agency.GOV.SG", " Jane@agency.gov.sg"]))
+        .when_async(generate(
+            1,
+            10,
+            " prod ",
+            &["ops@Agency.GOV.SG", " Jane@agency.gov.sg"],
+        ))
         .await
         .then_expect_events(vec![expected]);
 }
 
 #[tokio::test]
 async fn generate_rejects_bad_labels() {
-    expect_error(vec![], generate(1, 10, "  ", &["a@x.gov.sg"]), KeyringError::InvalidLabel(LabelError::Empty)).await;
+    expect_error(
+        vec![],
+        generate(1, 10, "  ", &["a@x.gov.sg"]),
+        KeyringError::InvalidLabel(LabelError::Empty),
+    )
+    .await;
     expect_error(
         vec![],
         generate(1, 10, &"x".repeat(256), &["a@x.gov.sg"]),
@@ -134,27 +151,52 @@ async fn labels_are_unique_in_the_account_but_free_again_after_revocation() {
         .when_async(generate(3, 11, "prod", &["a@x.gov.sg"]))
         .await
         .inspect_result();
-    assert!(matches!(result.as_deref(), Ok([StoredEvent(KeyringEvent::KeyGenerated(_))])));
+    assert!(matches!(
+        result.as_deref(),
+        Ok([StoredEvent(KeyringEvent::KeyGenerated(_))])
+    ));
 }
 
 #[tokio::test]
 async fn generate_rejects_bad_contacts() {
-    expect_error(vec![], generate(1, 10, "p", &[]), KeyringError::InvalidContacts(ContactsError::Empty)).await;
+    expect_error(
+        vec![],
+        generate(1, 10, "p", &[]),
+        KeyringError::InvalidContacts(ContactsError::Empty),
+    )
+    .await;
     let many: Vec<String> = (0..21).map(|i| format!("u{i}@x.gov.sg")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    expect_error(vec![], generate(1, 10, "p", &many), KeyringError::InvalidContacts(ContactsError::TooMany(21))).await;
+    expect_error(
+        vec![],
+        generate(1, 10, "p", &many),
+        KeyringError::InvalidContacts(ContactsError::TooMany(21)),
+    )
+    .await;
     let result = framework_at(t0())
         .given_no_previous_events()
         .when_async(generate(1, 10, "p", &["a@x.gov.sg", "not-an-email"]))
         .await
         .inspect_result();
-    assert!(matches!(result, Err(KeyringError::InvalidContacts(ContactsError::Invalid { index: 1, .. }))));
+    assert!(matches!(
+        result,
+        Err(KeyringError::InvalidContacts(ContactsError::Invalid {
+            index: 1,
+            ..
+        }))
+    ));
     let result = framework_at(t0())
         .given_no_previous_events()
         .when_async(generate(1, 10, "p", &["a@x.gov.sg", "a@X.gov.sg"]))
         .await
         .inspect_result();
-    assert!(matches!(result, Err(KeyringError::InvalidContacts(ContactsError::Duplicate { index: 1, .. }))));
+    assert!(matches!(
+        result,
+        Err(KeyringError::InvalidContacts(ContactsError::Duplicate {
+            index: 1,
+            ..
+        }))
+    ));
 }
 
 #[tokio::test]
@@ -163,7 +205,11 @@ async fn generate_rejects_a_bad_or_different_login_email() {
     if let Command::GenerateKey { login_email, .. } = &mut cmd.command {
         *login_email = "not an email".into();
     }
-    let result = framework_at(t0()).given_no_previous_events().when_async(cmd.clone()).await.inspect_result();
+    let result = framework_at(t0())
+        .given_no_previous_events()
+        .when_async(cmd.clone())
+        .await
+        .inspect_result();
     assert!(matches!(result, Err(KeyringError::InvalidLoginEmail(_))));
     if let Command::GenerateKey { login_email, .. } = &mut cmd.command {
         *login_email = "john.doe@other.gov.sg".into();
@@ -171,29 +217,44 @@ async fn generate_rejects_a_bad_or_different_login_email() {
     expect_error(
         vec![generated(9, 9, "first", t0())],
         cmd,
-        KeyringError::LoginEmailMismatch { recorded: LOGIN.into() },
+        KeyringError::LoginEmailMismatch {
+            recorded: LOGIN.into(),
+        },
     )
     .await;
 }
 
 #[tokio::test]
 async fn the_live_key_cap_counts_neither_revoked_nor_expired_keys() {
-    let policy = Policy { max_live_keys: 2, ..Policy::default() };
+    let policy = Policy {
+        max_live_keys: 2,
+        ..Policy::default()
+    };
     let fw = |now| TestFramework::<Keyring>::with(services_at(now, policy.clone()));
     fw(t0())
-        .given(vec![generated(1, 10, "a", t0()), generated(2, 11, "b", t0())])
+        .given(vec![
+            generated(1, 10, "a", t0()),
+            generated(2, 11, "b", t0()),
+        ])
         .when_async(generate(3, 12, "c", &["a@x.gov.sg"]))
         .await
         .then_expect_error(KeyringError::KeyLimitReached { max: 2 });
     let ok = fw(t0())
-        .given(vec![generated(1, 10, "a", t0()), generated(2, 11, "b", t0()), revoked(3, 10, t0())])
+        .given(vec![
+            generated(1, 10, "a", t0()),
+            generated(2, 11, "b", t0()),
+            revoked(3, 10, t0()),
+        ])
         .when_async(generate(4, 12, "c", &["a@x.gov.sg"]))
         .await
         .inspect_result();
     assert!(ok.is_ok());
     let later = t0() + Duration::days(200);
     let ok = fw(later)
-        .given(vec![generated(1, 10, "a", t0()), generated(2, 11, "b", t0())])
+        .given(vec![
+            generated(1, 10, "a", t0()),
+            generated(2, 11, "b", t0()),
+        ])
         .when_async(generate(4, 12, "c", &["a@x.gov.sg"]))
         .await
         .inspect_result();
@@ -204,20 +265,36 @@ async fn the_live_key_cap_counts_neither_revoked_nor_expired_keys() {
 async fn update_contacts_replaces_them() {
     framework_at(t0())
         .given(vec![generated(1, 10, "p", t0())])
-        .when_async(plain(2, Command::UpdateContacts { key_id: id(10), contacts: vec!["new@X.gov.sg".into()] }))
+        .when_async(plain(
+            2,
+            Command::UpdateContacts {
+                key_id: id(10),
+                contacts: vec!["new@X.gov.sg".into()],
+            },
+        ))
         .await
-        .then_expect_events(vec![StoredEvent(KeyringEvent::ContactsUpdated(ContactsUpdated {
-            command_id: id(2),
-            key_id: id(10),
-            contacts: vec!["new@x.gov.sg".into()],
-            updated_at: t0(),
-        }))]);
+        .then_expect_events(vec![StoredEvent(KeyringEvent::ContactsUpdated(
+            ContactsUpdated {
+                command_id: id(2),
+                key_id: id(10),
+                contacts: vec!["new@x.gov.sg".into()],
+                updated_at: t0(),
+            },
+        ))]);
 }
 
 #[tokio::test]
 async fn commands_on_unknown_or_revoked_keys_are_refused() {
-    let contacts = Command::UpdateContacts { key_id: id(99), contacts: vec!["a@x.gov.sg".into()] };
-    expect_error(vec![generated(1, 10, "p", t0())], plain(2, contacts), KeyringError::KeyNotFound(id(99))).await;
+    let contacts = Command::UpdateContacts {
+        key_id: id(99),
+        contacts: vec!["a@x.gov.sg".into()],
+    };
+    expect_error(
+        vec![generated(1, 10, "p", t0())],
+        plain(2, contacts),
+        KeyringError::KeyNotFound(id(99)),
+    )
+    .await;
     expect_error(
         vec![generated(1, 10, "p", t0()), revoked(2, 10, t0())],
         plain(3, Command::RevokeKey { key_id: id(10) }),
@@ -226,7 +303,13 @@ async fn commands_on_unknown_or_revoked_keys_are_refused() {
     .await;
     expect_error(
         vec![generated(1, 10, "p", t0()), revoked(2, 10, t0())],
-        plain(3, Command::UpdateContacts { key_id: id(10), contacts: vec!["a@x.gov.sg".into()] }),
+        plain(
+            3,
+            Command::UpdateContacts {
+                key_id: id(10),
+                contacts: vec!["a@x.gov.sg".into()],
+            },
+        ),
         KeyringError::KeyRevoked(id(10)),
     )
     .await;
@@ -244,7 +327,11 @@ async fn revoke_records_the_revocation() {
 fn rotate(cmd: u128, old: u128, new: u128, label: &str, grace: Option<i64>) -> KeyringCommand {
     KeyringCommand {
         command_id: id(cmd),
-        command: Command::RotateKey { key_id: id(old), label: label.into(), grace_seconds: grace },
+        command: Command::RotateKey {
+            key_id: id(old),
+            label: label.into(),
+            grace_seconds: grace,
+        },
         material: Some(material(new)),
     }
 }
@@ -291,9 +378,26 @@ async fn rotation_never_extends_the_old_key() {
 #[tokio::test]
 async fn rotate_refusals() {
     let g = || vec![generated(1, 10, "prod", t0())];
-    expect_error(g(), rotate(2, 10, 11, "prod", None), KeyringError::DuplicateLabel("prod".into())).await;
-    expect_error(g(), rotate(2, 10, 11, "x", Some(-1)), KeyringError::InvalidGrace { max_seconds: 30 * 86_400 }).await;
-    expect_error(g(), rotate(2, 99, 11, "x", None), KeyringError::KeyNotFound(id(99))).await;
+    expect_error(
+        g(),
+        rotate(2, 10, 11, "prod", None),
+        KeyringError::DuplicateLabel("prod".into()),
+    )
+    .await;
+    expect_error(
+        g(),
+        rotate(2, 10, 11, "x", Some(-1)),
+        KeyringError::InvalidGrace {
+            max_seconds: 30 * 86_400,
+        },
+    )
+    .await;
+    expect_error(
+        g(),
+        rotate(2, 99, 11, "x", None),
+        KeyringError::KeyNotFound(id(99)),
+    )
+    .await;
     let mut twice = g();
     twice.extend(
         TestFramework::<Keyring>::with(services_at(t0(), Policy::default()))
@@ -303,7 +407,15 @@ async fn rotate_refusals() {
             .inspect_result()
             .expect("first rotation"),
     );
-    expect_error(twice, rotate(3, 10, 12, "y", None), KeyringError::KeyAlreadyRotated { key_id: id(10), successor: id(11) }).await;
+    expect_error(
+        twice,
+        rotate(3, 10, 12, "y", None),
+        KeyringError::KeyAlreadyRotated {
+            key_id: id(10),
+            successor: id(11),
+        },
+    )
+    .await;
     TestFramework::<Keyring>::with(services_at(t0() + Duration::days(200), Policy::default()))
         .given(g())
         .when_async(rotate(2, 10, 11, "x", None))
@@ -318,7 +430,10 @@ async fn expire_only_at_or_after_expiry_and_harmless_when_repeated() {
     expect_error(
         vec![generated(1, 10, "p", t0())],
         expire(2),
-        KeyringError::KeyNotExpired { key_id: id(10), expires_at: expiry },
+        KeyringError::KeyNotExpired {
+            key_id: id(10),
+            expires_at: expiry,
+        },
     )
     .await;
     let expired = StoredEvent(KeyringEvent::KeyExpired(KeyExpired {
@@ -366,7 +481,10 @@ async fn migrate_legacy_key_once() {
         hash_scheme: HASH_SCHEME_LEGACY_BCRYPT.into(),
         login_email: LOGIN.into(),
         created_at: t0(),
-        expires_at: Utc.with_ymd_and_hms(2024, 4, 21, 0, 0, 0).single().expect("t"),
+        expires_at: Utc
+            .with_ymd_and_hms(2024, 4, 21, 0, 0, 0)
+            .single()
+            .expect("t"),
         migrated_at: t0(),
     }));
     framework_at(t0())
@@ -374,16 +492,34 @@ async fn migrate_legacy_key_once() {
         .when_async(migrate(1, 10, &legacy_hash()))
         .await
         .then_expect_events(vec![migrated.clone()]);
-    expect_error(vec![migrated], migrate(2, 11, &legacy_hash()), KeyringError::LegacyAlreadyMigrated(id(10))).await;
+    expect_error(
+        vec![migrated],
+        migrate(2, 11, &legacy_hash()),
+        KeyringError::LegacyAlreadyMigrated(id(10)),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn migrate_rejects_bad_hashes() {
-    let result = framework_at(t0()).given_no_previous_events().when_async(migrate(1, 10, "nope")).await.inspect_result();
+    let result = framework_at(t0())
+        .given_no_previous_events()
+        .when_async(migrate(1, 10, "nope"))
+        .await
+        .inspect_result();
     assert!(matches!(result, Err(KeyringError::InvalidLegacyHash(_))));
     let other_user = format!("janedoe_v1_{}", "a".repeat(31));
-    let result = framework_at(t0()).given_no_previous_events().when_async(migrate(1, 10, &other_user)).await.inspect_result();
-    assert!(matches!(result, Err(KeyringError::InvalidLegacyHash(LegacyHashError::Username { .. }))));
+    let result = framework_at(t0())
+        .given_no_previous_events()
+        .when_async(migrate(1, 10, &other_user))
+        .await
+        .inspect_result();
+    assert!(matches!(
+        result,
+        Err(KeyringError::InvalidLegacyHash(
+            LegacyHashError::Username { .. }
+        ))
+    ));
 }
 
 #[test]
@@ -394,10 +530,16 @@ fn a_handled_command_is_remembered_with_its_sequences() {
         .decide(&rotate(2, 10, 11, "b", None), t0(), &Policy::default())
         .err();
     assert!(rotated.is_some(), "an empty keyring has nothing to rotate");
-    for e in k.decide(&rotate(2, 10, 11, "b", None), t0(), &Policy::default()).expect("rotates") {
+    for e in k
+        .decide(&rotate(2, 10, 11, "b", None), t0(), &Policy::default())
+        .expect("rotates")
+    {
         k.apply(StoredEvent(e));
     }
-    assert_eq!(k.prior_outcome(id(1)).map(|o| o.sequences.clone()), Some(vec![1]));
+    assert_eq!(
+        k.prior_outcome(id(1)).map(|o| o.sequences.clone()),
+        Some(vec![1])
+    );
     let o = k.prior_outcome(id(2)).expect("remembered");
     assert_eq!(o.sequences, vec![2, 3]);
     assert_eq!(o.key_id, Some(id(11)));

@@ -83,7 +83,8 @@ impl Store {
     }
 
     pub fn from_postgres(pool: PgPool) -> Self {
-        let events = PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+        let events =
+            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
             backend: Backend::Postgres { pool, events },
         }
@@ -111,7 +112,9 @@ impl Store {
     /// Creates or upgrades the schema (sqlx migrations checked in under `migrations/`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Postgres { pool, .. } => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Backend::Postgres { pool, .. } => {
+                sqlx::migrate!("./migrations/postgres").run(pool).await?
+            }
             Backend::Sqlite { pool, .. } => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
         }
         Ok(())
@@ -133,7 +136,10 @@ impl Store {
         Ok(())
     }
 
-    pub async fn load(&self, account_id: &str) -> AggregateResult<EventStoreAggregateContext<Keyring>> {
+    pub async fn load(
+        &self,
+        account_id: &str,
+    ) -> AggregateResult<EventStoreAggregateContext<Keyring>> {
         match &self.backend {
             Backend::Postgres { events, .. } => events.load_aggregate(account_id).await,
             Backend::Sqlite { events, .. } => events.load_aggregate(account_id).await,
@@ -147,13 +153,19 @@ impl Store {
         metadata: HashMap<String, String>,
     ) -> AggregateResult<Vec<EventEnvelope<Keyring>>> {
         match &self.backend {
-            Backend::Postgres { events: store, .. } => store.commit(events, context, metadata).await,
+            Backend::Postgres { events: store, .. } => {
+                store.commit(events, context, metadata).await
+            }
             Backend::Sqlite { events: store, .. } => store.commit(events, context, metadata).await,
         }
     }
 
     /// The events of `account_id` after `after`, in order.
-    pub async fn events_after(&self, account_id: &str, after: u64) -> Result<Vec<StoredRecord>, StoreError> {
+    pub async fn events_after(
+        &self,
+        account_id: &str,
+        after: u64,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         match &self.backend {
             Backend::Postgres { pool, .. } => postgres::events_after(pool, account_id, after).await,
             Backend::Sqlite { pool, .. } => sqlite::events_after(pool, account_id, after).await,
@@ -169,18 +181,30 @@ impl Store {
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let (account, sequence) = after.unwrap_or(("", 0));
         match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::events_page(pool, account, sequence, limit).await,
-            Backend::Sqlite { pool, .. } => sqlite::events_page(pool, account, sequence, limit).await,
+            Backend::Postgres { pool, .. } => {
+                postgres::events_page(pool, account, sequence, limit).await
+            }
+            Backend::Sqlite { pool, .. } => {
+                sqlite::events_page(pool, account, sequence, limit).await
+            }
         }
     }
 
     /// Applies `records` (all of one account, in order) to the listing table and moves its
     /// checkpoint, in one transaction. Records at or below the checkpoint are skipped; a
     /// gap before the first new record is reported as [`StoreError::Gap`].
-    pub async fn apply_to_listing(&self, account_id: &str, records: &[StoredRecord]) -> Result<(), StoreError> {
+    pub async fn apply_to_listing(
+        &self,
+        account_id: &str,
+        records: &[StoredRecord],
+    ) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::apply_to_listing(pool, account_id, records).await,
-            Backend::Sqlite { pool, .. } => sqlite::apply_to_listing(pool, account_id, records).await,
+            Backend::Postgres { pool, .. } => {
+                postgres::apply_to_listing(pool, account_id, records).await
+            }
+            Backend::Sqlite { pool, .. } => {
+                sqlite::apply_to_listing(pool, account_id, records).await
+            }
         }
     }
 
@@ -201,10 +225,18 @@ impl Store {
     }
 
     /// One listing row.
-    pub async fn listing_row(&self, account_id: &str, key_id: Uuid) -> Result<Option<ListingRow>, StoreError> {
+    pub async fn listing_row(
+        &self,
+        account_id: &str,
+        key_id: Uuid,
+    ) -> Result<Option<ListingRow>, StoreError> {
         let rows = match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::listing_of(pool, account_id, Some(key_id)).await?,
-            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, account_id, Some(key_id)).await?,
+            Backend::Postgres { pool, .. } => {
+                postgres::listing_of(pool, account_id, Some(key_id)).await?
+            }
+            Backend::Sqlite { pool, .. } => {
+                sqlite::listing_of(pool, account_id, Some(key_id)).await?
+            }
         };
         Ok(rows.into_iter().next())
     }
@@ -235,3 +267,20 @@ fn unapplied(records: &[StoredRecord], checkpoint: u64) -> Result<&[StoredRecord
 }
 
 const LISTING: &str = "listing";
+
+/// The PostgreSQL channel on which every commit names its account.
+pub const NOTIFY_CHANNEL: &str = "keyledger_events";
+
+impl Store {
+    /// A listener on [`NOTIFY_CHANNEL`] (PostgreSQL only).
+    pub async fn listen(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => {
+                let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                Ok(Some(listener))
+            }
+            Backend::Sqlite { .. } => Ok(None),
+        }
+    }
+}

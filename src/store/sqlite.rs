@@ -4,12 +4,16 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use keyledger_projections::{listing_change, KeyStatus, ListingChange, ListingRow};
-use sqlx::{SqlitePool, Row};
+use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
 use super::{decode, unapplied, StoreError, StoredRecord, LISTING};
 
-pub(super) async fn events_after(pool: &SqlitePool, account_id: &str, after: u64) -> Result<Vec<StoredRecord>, StoreError> {
+pub(super) async fn events_after(
+    pool: &SqlitePool,
+    account_id: &str,
+    after: u64,
+) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query(
         "SELECT sequence, payload FROM events \
          WHERE aggregate_type = 'Keyring' AND aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
@@ -40,11 +44,21 @@ pub(super) async fn events_page(
     .fetch_all(pool)
     .await?;
     rows.iter()
-        .map(|r| decode(r.get("aggregate_id"), r.get::<i64, _>("sequence"), r.get("payload")))
+        .map(|r| {
+            decode(
+                r.get("aggregate_id"),
+                r.get::<i64, _>("sequence"),
+                r.get("payload"),
+            )
+        })
         .collect()
 }
 
-pub(super) async fn apply_to_listing(pool: &SqlitePool, account_id: &str, records: &[StoredRecord]) -> Result<(), StoreError> {
+pub(super) async fn apply_to_listing(
+    pool: &SqlitePool,
+    account_id: &str,
+    records: &[StoredRecord],
+) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, account_id, sequence) VALUES ($1, $2, 0) \
@@ -85,20 +99,24 @@ pub(super) async fn apply_to_listing(pool: &SqlitePool, account_id: &str, record
                 .await?;
             }
             ListingChange::SetContacts { key_id, contacts } => {
-                sqlx::query("UPDATE key_listing SET contacts = $3 WHERE account_id = $1 AND key_id = $2")
-                    .bind(account_id)
-                    .bind(key_id.to_string())
-                    .bind(json_list(&contacts))
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE key_listing SET contacts = $3 WHERE account_id = $1 AND key_id = $2",
+                )
+                .bind(account_id)
+                .bind(key_id.to_string())
+                .bind(json_list(&contacts))
+                .execute(&mut *tx)
+                .await?;
             }
             ListingChange::SetExpiry { key_id, expires_at } => {
-                sqlx::query("UPDATE key_listing SET expires_at = $3 WHERE account_id = $1 AND key_id = $2")
-                    .bind(account_id)
-                    .bind(key_id.to_string())
-                    .bind(expires_at)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE key_listing SET expires_at = $3 WHERE account_id = $1 AND key_id = $2",
+                )
+                .bind(account_id)
+                .bind(key_id.to_string())
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
             }
             ListingChange::MarkExpired { key_id } => {
                 sqlx::query("UPDATE key_listing SET status = 'expired' WHERE account_id = $1 AND key_id = $2")
@@ -117,28 +135,43 @@ pub(super) async fn apply_to_listing(pool: &SqlitePool, account_id: &str, record
             ListingChange::Nothing => {}
         }
     }
-    sqlx::query("UPDATE projection_checkpoints SET sequence = $3 WHERE projection = $1 AND account_id = $2")
-        .bind(LISTING)
-        .bind(account_id)
-        .bind(last.sequence as i64)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE projection_checkpoints SET sequence = $3 WHERE projection = $1 AND account_id = $2",
+    )
+    .bind(LISTING)
+    .bind(account_id)
+    .bind(last.sequence as i64)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }
 
-pub(super) async fn listing_checkpoints(pool: &SqlitePool) -> Result<HashMap<String, u64>, StoreError> {
-    let rows = sqlx::query("SELECT account_id, sequence FROM projection_checkpoints WHERE projection = $1")
-        .bind(LISTING)
-        .fetch_all(pool)
-        .await?;
+pub(super) async fn listing_checkpoints(
+    pool: &SqlitePool,
+) -> Result<HashMap<String, u64>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT account_id, sequence FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(LISTING)
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get::<String, _>("account_id"), r.get::<i64, _>("sequence").max(0) as u64))
+        .map(|r| {
+            (
+                r.get::<String, _>("account_id"),
+                r.get::<i64, _>("sequence").max(0) as u64,
+            )
+        })
         .collect())
 }
 
-pub(super) async fn listing_of(pool: &SqlitePool, account_id: &str, key_id: Option<Uuid>) -> Result<Vec<ListingRow>, StoreError> {
+pub(super) async fn listing_of(
+    pool: &SqlitePool,
+    account_id: &str,
+    key_id: Option<Uuid>,
+) -> Result<Vec<ListingRow>, StoreError> {
     let rows = sqlx::query(
         "SELECT account_id, key_id, label, last_five, contacts, created_at, expires_at, status FROM key_listing \
          WHERE account_id = $1 AND ($2 IS NULL OR key_id = $2) ORDER BY created_at, key_id",

@@ -25,7 +25,11 @@ async fn keyledger(app: &TestApp, args: &[&str], stdin: Option<&str>) -> (bool, 
     }
     let out = child.wait_with_output().await.expect("finishes");
     let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.success(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -33,12 +37,25 @@ async fn the_cli_manages_keys_through_the_api() {
     let app = TestApp::spawn(Backing::postgres().await).await;
     let (ok, generated, err) = keyledger(
         &app,
-        &["generate", "--account", "cli-acc", "--label", "from-cli", "--contact", "ops@agency.gov.sg", "--login-email", LOGIN],
+        &[
+            "generate",
+            "--account",
+            "cli-acc",
+            "--label",
+            "from-cli",
+            "--contact",
+            "ops@agency.gov.sg",
+            "--login-email",
+            LOGIN,
+        ],
         None,
     )
     .await;
     assert!(ok, "{err}");
-    let key = generated["api_key"].as_str().expect("key printed once").to_owned();
+    let key = generated["api_key"]
+        .as_str()
+        .expect("key printed once")
+        .to_owned();
     let (ok, listing, err) = keyledger(&app, &["list", "--account", "cli-acc"], None).await;
     assert!(ok, "{err}");
     assert_eq!(listing["keys"][0]["label"], "from-cli");
@@ -47,15 +64,51 @@ async fn the_cli_manages_keys_through_the_api() {
     assert_eq!(verified["valid"], true);
     assert_eq!(verified["from_allowed"], true);
     let key_id = generated["key_id"].as_str().expect("id");
-    let (ok, rotated, err) = keyledger(&app, &["rotate", "--account", "cli-acc", "--key-id", key_id, "--label", "next"], None).await;
+    let (ok, rotated, err) = keyledger(
+        &app,
+        &[
+            "rotate",
+            "--account",
+            "cli-acc",
+            "--key-id",
+            key_id,
+            "--label",
+            "next",
+        ],
+        None,
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(rotated["old_key_expires_at"].is_string());
-    let (ok, _, err) = keyledger(&app, &["contacts", "--account", "cli-acc", "--key-id", key_id, "--contact", "new@agency.gov.sg"], None).await;
+    let (ok, _, err) = keyledger(
+        &app,
+        &[
+            "contacts",
+            "--account",
+            "cli-acc",
+            "--key-id",
+            key_id,
+            "--contact",
+            "new@agency.gov.sg",
+        ],
+        None,
+    )
+    .await;
     assert!(ok, "{err}");
-    let (ok, _, err) = keyledger(&app, &["revoke", "--account", "cli-acc", "--key-id", key_id], None).await;
+    let (ok, _, err) = keyledger(
+        &app,
+        &["revoke", "--account", "cli-acc", "--key-id", key_id],
+        None,
+    )
+    .await;
     assert!(ok, "{err}");
     // An error answer: a clear message on stderr and a failing exit code.
-    let (ok, body, err) = keyledger(&app, &["revoke", "--account", "cli-acc", "--key-id", key_id], None).await;
+    let (ok, body, err) = keyledger(
+        &app,
+        &["revoke", "--account", "cli-acc", "--key-id", key_id],
+        None,
+    )
+    .await;
     assert!(!ok);
     assert_eq!(body["error"]["code"], "key_revoked");
     assert!(err.contains("revoked"), "{err}");

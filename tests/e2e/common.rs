@@ -57,7 +57,10 @@ pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl Write for LogBuffer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -73,7 +76,9 @@ pub fn capture_logs() -> LogBuffer {
         let buffer = LogBuffer::default();
         let writer = buffer.clone();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("keyledger=trace,sqlx=debug,info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "keyledger=trace,sqlx=debug,info",
+            ))
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .try_init();
@@ -139,7 +144,9 @@ impl TestApp {
 
     pub async fn spawn_with(backing: Backing, policy: Policy) -> Self {
         capture_logs();
-        let app = Application::build(settings(&backing, policy)).await.expect("app builds");
+        let app = Application::build(settings(&backing, policy))
+            .await
+            .expect("app builds");
         let addr = app.local_addr().expect("bound");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
@@ -173,7 +180,12 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
@@ -181,13 +193,29 @@ impl TestApp {
         read(req.send().await.expect("request sent")).await
     }
 
-    pub async fn generate(&self, account: &str, label: &str, contacts: &[&str]) -> (StatusCode, Value) {
+    pub async fn generate(
+        &self,
+        account: &str,
+        label: &str,
+        contacts: &[&str],
+    ) -> (StatusCode, Value) {
         let body = json!({"label": label, "contacts": contacts, "login_email": LOGIN});
-        self.call(reqwest::Method::POST, &format!("/v1/accounts/{account}/keys"), Some(body)).await
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{account}/keys"),
+            Some(body),
+        )
+        .await
     }
 
     pub async fn list(&self, account: &str) -> Value {
-        let (status, body) = self.call(reqwest::Method::GET, &format!("/v1/accounts/{account}/keys"), None).await;
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/accounts/{account}/keys"),
+                None,
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -197,7 +225,9 @@ impl TestApp {
         if let Some(f) = from {
             body["from"] = json!(f);
         }
-        let (status, body) = self.call(reqwest::Method::POST, "/v1/verify", Some(body)).await;
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/v1/verify", Some(body))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -207,14 +237,21 @@ impl TestApp {
         match &self.backing {
             Backing::Postgres(url) => {
                 let mut c = PgConnection::connect(url).await.expect("connect");
-                sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut c).await.expect("count")
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("count")
             }
             Backing::Embedded(dir) => {
                 let path = dir.join("keyledger.db");
-                let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                let mut c =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                        .await
+                        .expect("open sqlite");
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut c)
                     .await
-                    .expect("open sqlite");
-                sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut c).await.expect("count")
+                    .expect("count")
             }
         }
     }
@@ -231,7 +268,11 @@ impl Drop for TestApp {
 pub async fn read(resp: Response) -> (StatusCode, Value) {
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, value)
 }
 

@@ -19,14 +19,22 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
     let mut secrets = Vec::new();
 
     // Generate two keys.
-    let (status, prod) = app.generate(acc, "prod", &["ops@agency.gov.sg", "Dev@Agency.GOV.SG"]).await;
+    let (status, prod) = app
+        .generate(acc, "prod", &["ops@agency.gov.sg", "Dev@Agency.GOV.SG"])
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{prod}");
     let prod_key = s(&prod["api_key"]);
     secrets.push(prod_key.clone());
-    assert!(prod_key.starts_with("johndoe_v1_"), "key prefix from the login email");
+    assert!(
+        prod_key.starts_with("johndoe_v1_"),
+        "key prefix from the login email"
+    );
     assert_eq!(prod_key.len(), "johndoe_v1_".len() + 44);
     assert_eq!(s(&prod["last_five"]), prod_key[prod_key.len() - 5..]);
-    assert_eq!(prod["contacts"], json!(["ops@agency.gov.sg", "Dev@agency.gov.sg"]));
+    assert_eq!(
+        prod["contacts"],
+        json!(["ops@agency.gov.sg", "Dev@agency.gov.sg"])
+    );
     let prod_id = s(&prod["key_id"]);
     let (status, staging) = app.generate(acc, "staging", &["ops@agency.gov.sg"]).await;
     assert_eq!(status, StatusCode::CREATED, "{staging}");
@@ -39,17 +47,31 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
     assert_eq!(v["account_id"], json!(acc));
     assert_eq!(v["key_id"], json!(prod_id));
     assert_eq!(v["label"], json!("prod"));
-    assert_eq!(v["from_allowed"], json!(false), "local part is case-sensitive");
+    assert_eq!(
+        v["from_allowed"],
+        json!(false),
+        "local part is case-sensitive"
+    );
     let v = app.verify(&prod_key, Some(LOGIN)).await;
     assert_eq!(v["from_allowed"], json!(true));
-    let v = app.verify(&prod_key, Some("donotreply@mail.postman.gov.sg")).await;
-    assert_eq!(v["from_allowed"], json!(true), "the default sender is allowed");
+    let v = app
+        .verify(&prod_key, Some("donotreply@mail.postman.gov.sg"))
+        .await;
+    assert_eq!(
+        v["from_allowed"],
+        json!(true),
+        "the default sender is allowed"
+    );
     let v = app.verify(&prod_key, Some("someone@else.gov.sg")).await;
     assert_eq!(v["from_allowed"], json!(false));
 
     // Update contacts.
     let (status, row) = app
-        .call(Method::PUT, &format!("/v1/accounts/{acc}/keys/{staging_id}/contacts"), Some(json!({"contacts": ["qa@agency.gov.sg"]})))
+        .call(
+            Method::PUT,
+            &format!("/v1/accounts/{acc}/keys/{staging_id}/contacts"),
+            Some(json!({"contacts": ["qa@agency.gov.sg"]})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{row}");
     assert_eq!(row["contacts"], json!(["qa@agency.gov.sg"]));
@@ -57,21 +79,39 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
 
     // Rotate prod with a one-hour grace.
     let (status, rotated) = app
-        .call(Method::POST, &format!("/v1/accounts/{acc}/keys/{prod_id}/rotate"), Some(json!({"label": "prod-2026", "grace_seconds": 3600})))
+        .call(
+            Method::POST,
+            &format!("/v1/accounts/{acc}/keys/{prod_id}/rotate"),
+            Some(json!({"label": "prod-2026", "grace_seconds": 3600})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{rotated}");
     let new_key = s(&rotated["api_key"]);
     secrets.push(new_key.clone());
-    assert_eq!(rotated["contacts"], prod["contacts"], "the successor keeps the contacts");
-    let old_expiry = chrono::DateTime::parse_from_rfc3339(&s(&rotated["old_key_expires_at"])).expect("time");
+    assert_eq!(
+        rotated["contacts"], prod["contacts"],
+        "the successor keeps the contacts"
+    );
+    let old_expiry =
+        chrono::DateTime::parse_from_rfc3339(&s(&rotated["old_key_expires_at"])).expect("time");
     let created = chrono::DateTime::parse_from_rfc3339(&s(&rotated["created_at"])).expect("time");
     assert_eq!((old_expiry - created).num_seconds(), 3600);
-    assert_eq!(app.verify(&prod_key, None).await["valid"], json!(true), "old key works during grace");
+    assert_eq!(
+        app.verify(&prod_key, None).await["valid"],
+        json!(true),
+        "old key works during grace"
+    );
     assert_eq!(app.verify(&new_key, None).await["valid"], json!(true));
 
     // Revoke staging.
     let staging_key = secrets[1].clone();
-    let (status, _) = app.call(Method::DELETE, &format!("/v1/accounts/{acc}/keys/{staging_id}"), None).await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/accounts/{acc}/keys/{staging_id}"),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let v = app.verify(&staging_key, None).await;
     assert_eq!(v, json!({"valid": false, "code": "revoked"}));
@@ -89,8 +129,14 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
 
     // Unknown and malformed keys.
     let unknown = format!("johndoe_v1_{}", "A".repeat(44));
-    assert_eq!(app.verify(&unknown, None).await, json!({"valid": false, "code": "unknown"}));
-    assert_eq!(app.verify("not a key", None).await, json!({"valid": false, "code": "malformed"}));
+    assert_eq!(
+        app.verify(&unknown, None).await,
+        json!({"valid": false, "code": "unknown"})
+    );
+    assert_eq!(
+        app.verify("not a key", None).await,
+        json!({"valid": false, "code": "malformed"})
+    );
 
     // The listing: prod (cut to the grace), prod-2026; staging is gone.
     let listing = app.list(acc).await;
@@ -101,7 +147,11 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
     assert!(keys.iter().all(|k| k["status"] == json!("active")));
     assert!(keys.iter().all(|k| k.get("api_key").is_none()));
     let legacy_listing = app.list("legacy-1").await;
-    assert_eq!(legacy_listing["keys"][0]["status"], json!("expired"), "past the legacy cut-off");
+    assert_eq!(
+        legacy_listing["keys"][0]["status"],
+        json!("expired"),
+        "past the legacy cut-off"
+    );
     assert_eq!(app.list("nobody").await, json!({"keys": []}));
 
     // Restart: the same listing, the same verification answers.
@@ -109,8 +159,14 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
     let app = app.restart().await;
     assert_eq!(app.list(acc).await, before, "listing survives a restart");
     assert_eq!(app.verify(&prod_key, None).await["valid"], json!(true));
-    assert_eq!(app.verify(&new_key, None).await["key_id"], rotated["key_id"]);
-    assert_eq!(app.verify(&staging_key, None).await["code"], json!("revoked"));
+    assert_eq!(
+        app.verify(&new_key, None).await["key_id"],
+        rotated["key_id"]
+    );
+    assert_eq!(
+        app.verify(&staging_key, None).await["code"],
+        json!("revoked")
+    );
     assert_eq!(app.verify(&unknown, None).await["code"], json!("unknown"));
 
     // Commands still work after the restart (the aggregate is rebuilt from the store).
@@ -122,21 +178,33 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
 fn assert_no_secret(haystack: &str, secrets: &[String], what: &str) {
     assert!(!haystack.is_empty(), "{what} should not be empty");
     for secret in secrets {
-        assert!(!haystack.contains(secret.as_str()), "a plaintext key was found in {what}");
+        assert!(
+            !haystack.contains(secret.as_str()),
+            "a plaintext key was found in {what}"
+        );
         // The secret part alone must not appear either.
         let tail = &secret[secret.len() - 44..];
-        assert!(!haystack.contains(tail), "a key's secret part was found in {what}");
+        assert!(
+            !haystack.contains(tail),
+            "a key's secret part was found in {what}"
+        );
     }
 }
 
 #[tokio::test]
 async fn postgres_lifecycle_survives_restart_and_keeps_no_secret() {
     let backing = Backing::postgres().await;
-    let Backing::Postgres(url) = backing.clone() else { unreachable!() };
+    let Backing::Postgres(url) = backing.clone() else {
+        unreachable!()
+    };
     let (secrets, mut app) = scenario(backing).await;
     app.shutdown().await;
     assert_eq!(secrets.len(), 3);
-    assert_no_secret(&dump_postgres(&url).await, &secrets, "the PostgreSQL tables");
+    assert_no_secret(
+        &dump_postgres(&url).await,
+        &secrets,
+        "the PostgreSQL tables",
+    );
     assert_no_secret(&captured_logs(), &secrets, "the logs");
 }
 
@@ -146,7 +214,11 @@ async fn embedded_lifecycle_survives_restart_and_keeps_no_secret() {
     let backing = Backing::embedded(&dir);
     let (secrets, mut app) = scenario(backing).await;
     app.shutdown().await;
-    assert_no_secret(&dump_files(&dir.path().join("data")), &secrets, "the SQLite files");
+    assert_no_secret(
+        &dump_files(&dir.path().join("data")),
+        &secrets,
+        "the SQLite files",
+    );
     assert_no_secret(&captured_logs(), &secrets, "the logs");
 }
 
@@ -157,7 +229,9 @@ async fn a_key_past_its_expiry_fails_at_once() {
     let clock = std::sync::Arc::new(keyledger::domain::ManualClock::new(chrono::Utc::now()));
     let mut settings = crate::common::settings(&backing, policy);
     settings.clock = clock.clone();
-    let app = keyledger::app::Application::build(settings).await.expect("builds");
+    let app = keyledger::app::Application::build(settings)
+        .await
+        .expect("builds");
     let addr = app.local_addr().expect("addr");
     let state = app.state.clone();
     tokio::spawn(app.run_until(std::future::pending()));
