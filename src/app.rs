@@ -61,18 +61,11 @@ impl Application {
             "read side rebuilt from the event store"
         );
         // Other instances' commits reach this one's index through LISTEN/NOTIFY.
-        let follower = match store
+        let follower = store
             .listen()
             .await
             .context("cannot LISTEN for other instances' commits")?
-        {
-            Some(listener) => Some(tokio::spawn(follow_other_writers(
-                listener,
-                store.clone(),
-                read_side.clone(),
-            ))),
-            None => None,
-        };
+            .map(|l| tokio::spawn(follow_other_writers(l, store.clone(), read_side.clone())));
         let services = KeyringServices {
             clock: settings.clock.clone(),
             policy: settings.policy.clone(),
