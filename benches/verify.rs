@@ -1,1 +1,143 @@
-fn main() {}
+//! Verify on an index of 1,000,000 keys (hit, miss, expired, malformed), and key minting.
+//!
+//! Run: `cargo bench --bench verify`. Set KEYLEDGER_BENCH_KEYS to change the index size.
+//! Memory per key is printed before the timings: the index's own accounting of its heap
+//! and the process's resident-set growth while building it.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use criterion::{criterion_group, criterion_main, Criterion};
+use keyledger::domain::{mint_key, KeyHasher};
+use keyledger::read_side::ReadSide;
+use keyledger_events::{KeyGenerated, KeyringEvent, HASH_SCHEME_BLAKE3};
+use keyledger_projections::VerificationIndex;
+use uuid::Uuid;
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+struct Fixture {
+    read_side: ReadSide,
+    hits: Vec<String>,
+    expired: Vec<String>,
+    misses: Vec<String>,
+    now: DateTime<Utc>,
+}
+
+fn fixture(n: usize) -> Fixture {
+    let hasher = KeyHasher::new(b"benchmark pepper benchmark pepper benchmark");
+    let now = Utc::now();
+    let valid_until = now + chrono::Duration::days(180);
+    let expired_at = now - chrono::Duration::days(1);
+    let mut hits = Vec::new();
+    let mut expired = Vec::new();
+    let mut events = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let minted = mint_key("johndoe", &hasher);
+        let is_expired = i % 100 == 0;
+        if is_expired && expired.len() < 1000 {
+            expired.push(minted.plaintext.expose().to_owned());
+        } else if !is_expired && hits.len() < 10_000 && i % 97 == 1 {
+            hits.push(minted.plaintext.expose().to_owned());
+        }
+        events.push((
+            format!("account-{}", i / 20),
+            (i % 20 + 1) as u64,
+            KeyringEvent::KeyGenerated(KeyGenerated {
+                command_id: Uuid::now_v7(),
+                key_id: Uuid::now_v7(),
+                label: format!("key {}", i % 20),
+                last_five: minted.last_five,
+                key_hash: minted.key_hash,
+                hash_scheme: HASH_SCHEME_BLAKE3.into(),
+                contacts: vec![],
+                login_email: "john.doe@agency.gov.sg".into(),
+                created_at: now,
+                expires_at: if is_expired { expired_at } else { valid_until },
+                rotated_from: None,
+            }),
+        ));
+    }
+    let minted_in = started.elapsed();
+    let rss_before = rss_bytes();
+    let mut index = VerificationIndex::new();
+    let started = Instant::now();
+    for (account, seq, event) in &events {
+        index.apply(account, *seq, event);
+    }
+    index.shrink_to_fit();
+    let built_in = started.elapsed();
+    let rss_after = rss_bytes();
+    drop(events);
+    let stats = index.stats();
+    eprintln!(
+        "index: {} keys, {} accounts; minted in {:.2?}, folded in {:.2?} ({:.0} events/s)",
+        stats.keys,
+        stats.accounts,
+        minted_in,
+        built_in,
+        n as f64 / built_in.as_secs_f64()
+    );
+    eprintln!(
+        "memory: {:.1} bytes/key by the index's own accounting; {:.1} bytes/key resident-set growth while folding",
+        stats.heap_bytes as f64 / n as f64,
+        rss_after.saturating_sub(rss_before) as f64 / n as f64
+    );
+    let misses = (0..1000).map(|_| mint_key("johndoe", &hasher).plaintext.expose().to_owned()).collect();
+    Fixture {
+        read_side: ReadSide::with_index(hasher, None, index),
+        hits,
+        expired,
+        misses,
+        now,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let n = std::env::var("KEYLEDGER_BENCH_KEYS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let f = fixture(n);
+    assert!(f.read_side.verify(&f.hits[0], None, f.now).is_ok());
+    assert!(f.read_side.verify(&f.expired[0], None, f.now).is_err());
+    let mut g = c.benchmark_group(format!("verify_{n}_keys"));
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    let mut i = 0usize;
+    g.bench_function("hit", |b| {
+        b.iter(|| {
+            i = (i + 1) % f.hits.len();
+            black_box(f.read_side.verify(black_box(&f.hits[i]), None, f.now))
+        })
+    });
+    g.bench_function("hit_with_from", |b| {
+        b.iter(|| {
+            i = (i + 1) % f.hits.len();
+            black_box(f.read_side.verify(black_box(&f.hits[i]), Some("john.doe@agency.gov.sg"), f.now))
+        })
+    });
+    g.bench_function("miss", |b| {
+        b.iter(|| {
+            i = (i + 1) % f.misses.len();
+            black_box(f.read_side.verify(black_box(&f.misses[i]), None, f.now))
+        })
+    });
+    g.bench_function("expired", |b| {
+        b.iter(|| {
+            i = (i + 1) % f.expired.len();
+            black_box(f.read_side.verify(black_box(&f.expired[i]), None, f.now))
+        })
+    });
+    g.bench_function("malformed", |b| b.iter(|| black_box(f.read_side.verify(black_box("johndoe_v1_tooshort"), None, f.now))));
+    g.finish();
+    let hasher = KeyHasher::new(b"benchmark pepper benchmark pepper benchmark");
+    c.bench_function("mint_key", |b| b.iter(|| black_box(mint_key(black_box("johndoe"), &hasher))));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -75,6 +75,15 @@ impl ReadSide {
         }
     }
 
+    /// A read side over an index built elsewhere (benchmarks, tools).
+    pub fn with_index(hasher: KeyHasher, default_from: Option<String>, index: VerificationIndex) -> Self {
+        Self {
+            index: RwLock::new(index),
+            hasher,
+            default_from,
+        }
+    }
+
     fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, VerificationIndex> {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
