@@ -18,7 +18,11 @@ use uuid::Uuid;
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }
@@ -91,7 +95,9 @@ fn fixture(n: usize) -> Fixture {
         stats.heap_bytes as f64 / n as f64,
         rss_after.saturating_sub(rss_before) as f64 / n as f64
     );
-    let misses = (0..1000).map(|_| mint_key("johndoe", &hasher).plaintext.expose().to_owned()).collect();
+    let misses = (0..1000)
+        .map(|_| mint_key("johndoe", &hasher).plaintext.expose().to_owned())
+        .collect();
     Fixture {
         read_side: ReadSide::with_index(hasher, None, index),
         hits,
@@ -102,12 +108,16 @@ fn fixture(n: usize) -> Fixture {
 }
 
 fn bench(c: &mut Criterion) {
-    let n = std::env::var("KEYLEDGER_BENCH_KEYS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n = std::env::var("KEYLEDGER_BENCH_KEYS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let f = fixture(n);
     assert!(f.read_side.verify(&f.hits[0], None, f.now).is_ok());
     assert!(f.read_side.verify(&f.expired[0], None, f.now).is_err());
     let mut g = c.benchmark_group(format!("verify_{n}_keys"));
-    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
     let mut i = 0usize;
     g.bench_function("hit", |b| {
         b.iter(|| {
@@ -118,7 +128,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("hit_with_from", |b| {
         b.iter(|| {
             i = (i + 1) % f.hits.len();
-            black_box(f.read_side.verify(black_box(&f.hits[i]), Some("john.doe@agency.gov.sg"), f.now))
+            black_box(f.read_side.verify(
+                black_box(&f.hits[i]),
+                Some("john.doe@agency.gov.sg"),
+                f.now,
+            ))
         })
     });
     g.bench_function("miss", |b| {
@@ -133,10 +147,19 @@ fn bench(c: &mut Criterion) {
             black_box(f.read_side.verify(black_box(&f.expired[i]), None, f.now))
         })
     });
-    g.bench_function("malformed", |b| b.iter(|| black_box(f.read_side.verify(black_box("johndoe_v1_tooshort"), None, f.now))));
+    g.bench_function("malformed", |b| {
+        b.iter(|| {
+            black_box(
+                f.read_side
+                    .verify(black_box("johndoe_v1_tooshort"), None, f.now),
+            )
+        })
+    });
     g.finish();
     let hasher = KeyHasher::new(b"benchmark pepper benchmark pepper benchmark");
-    c.bench_function("mint_key", |b| b.iter(|| black_box(mint_key(black_box("johndoe"), &hasher))));
+    c.bench_function("mint_key", |b| {
+        b.iter(|| black_box(mint_key(black_box("johndoe"), &hasher)))
+    });
 }
 
 criterion_group!(benches, bench);

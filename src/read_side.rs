@@ -76,7 +76,11 @@ impl ReadSide {
     }
 
     /// A read side over an index built elsewhere (benchmarks, tools).
-    pub fn with_index(hasher: KeyHasher, default_from: Option<String>, index: VerificationIndex) -> Self {
+    pub fn with_index(
+        hasher: KeyHasher,
+        default_from: Option<String>,
+        index: VerificationIndex,
+    ) -> Self {
         Self {
             index: RwLock::new(index),
             hasher,

@@ -89,3 +89,28 @@ async fn openapi() -> impl IntoResponse {
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is described in the OpenAPI document.
+    #[test]
+    fn openapi_describes_every_route() {
+        let doc = include_str!("../../docs/openapi.yaml");
+        let source = include_str!("mod.rs");
+        let start = source.find("pub fn router").unwrap_or(0);
+        let end = source.find("async fn healthz").unwrap_or(source.len());
+        let served: Vec<&str> = source[start..end]
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with('/'))
+            .collect();
+        assert!(served.len() >= 8, "found {served:?}");
+        for path in served {
+            assert!(
+                doc.contains(&format!("  {path}:")),
+                "{path} is missing from docs/openapi.yaml"
+            );
+        }
+    }
+}
