@@ -125,6 +125,17 @@ fn bench(c: &mut Criterion) {
             black_box(f.read_side.verify(black_box(&f.hits[i]), None, f.now))
         })
     });
+    g.bench_function("hit_borrowed", |b| {
+        b.iter(|| {
+            i = (i + 1) % f.hits.len();
+            black_box(
+                f.read_side
+                    .verify_with(black_box(&f.hits[i]), None, f.now, |v| {
+                        v.map(|v| v.key.key_id)
+                    }),
+            )
+        })
+    });
     g.bench_function("hit_with_from", |b| {
         b.iter(|| {
             i = (i + 1) % f.hits.len();

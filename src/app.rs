@@ -1,12 +1,20 @@
-//! Assembling the service: store, read side, command handler, HTTP — and running it.
+//! Assembling the service — store, read side, command handler, HTTP, and with the bus the
+//! relay, the command consumer, the projector and the index follower — and running it.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use crate::bus::commands::CommandConsumer;
+use crate::bus::follower::{load_index, Follower};
+use crate::bus::projector::Projector;
+use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
 use crate::domain::KeyHasher;
 use crate::handler::CommandHandler;
@@ -15,11 +23,12 @@ use crate::keyring::KeyringServices;
 use crate::read_side::ReadSide;
 use crate::store::Store;
 
-/// A built service, bound to its port, not yet serving.
+/// A built service: bound to its port (when it serves HTTP), background parts running.
 pub struct Application {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     router: axum::Router,
-    follower: Option<tokio::task::JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
     pub state: AppState,
 }
 
@@ -50,22 +59,65 @@ impl Application {
         let store = Arc::new(open_store(&settings).await?);
         let hasher = KeyHasher::new(settings.pepper.expose().as_bytes());
         let read_side = Arc::new(ReadSide::new(hasher.clone(), settings.default_from.clone()));
-        let stats = read_side
-            .rebuild(&store)
-            .await
-            .context("cannot rebuild the read side")?;
-        tracing::info!(
-            events = stats.events,
-            accounts = stats.accounts,
-            seconds = stats.seconds,
-            "read side rebuilt from the event store"
-        );
-        // Other instances' commits reach this one's index through LISTEN/NOTIFY.
-        let follower = store
-            .listen()
-            .await
-            .context("cannot LISTEN for other instances' commits")?
-            .map(|l| tokio::spawn(follow_other_writers(l, store.clone(), read_side.clone())));
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let roles = settings.roles;
+
+        match (&settings.bus, store.pg_pool().cloned()) {
+            (Some(bus), Some(pool)) => {
+                bus.ensure_topics()
+                    .await
+                    .context("cannot create the Kafka topics")?;
+                read_side.leave_listing_to_projector();
+                if roles.http {
+                    let from = load_index(bus, &store, &read_side)
+                        .await
+                        .context("cannot load the verification index")?;
+                    let follower = Follower::new(bus.clone(), read_side.clone(), from);
+                    tasks.push(tokio::spawn(follower.run(stopped.clone())));
+                }
+                if roles.relay {
+                    let relay = Relay::new(pool.clone(), bus.producer()?, bus.events_topic());
+                    tasks.push(tokio::spawn(relay.run(stopped.clone())));
+                }
+                if roles.projector {
+                    let projector = Projector::new(bus.clone(), store.clone(), pool.clone());
+                    tasks.push(tokio::spawn(projector.run(stopped.clone())));
+                }
+            }
+            _ => {
+                if !(roles.http || roles.commands) {
+                    anyhow::bail!(
+                        "the relay and projector roles need the bus (KEYLEDGER_KAFKA_BROKERS)"
+                    );
+                }
+                let stats = read_side
+                    .rebuild(&store)
+                    .await
+                    .context("cannot rebuild the read side")?;
+                tracing::info!(
+                    events = stats.events,
+                    accounts = stats.accounts,
+                    seconds = stats.seconds,
+                    "read side rebuilt from the event store"
+                );
+                // Other instances' commits reach this one's index through LISTEN/NOTIFY.
+                if let Some(listener) = store
+                    .listen()
+                    .await
+                    .context("cannot LISTEN for other instances' commits")?
+                {
+                    let (s, r) = (store.clone(), read_side.clone());
+                    tasks.push(tokio::spawn(follow_other_writers(
+                        listener,
+                        s,
+                        r,
+                        stopped.clone(),
+                    )));
+                }
+            }
+        }
+
         let services = KeyringServices {
             clock: settings.clock.clone(),
             policy: settings.policy.clone(),
@@ -76,6 +128,11 @@ impl Application {
             hasher,
             read_side.clone(),
         ));
+        if let (Some(bus), Some(pool), true) = (&settings.bus, store.pg_pool(), roles.commands) {
+            let consumer =
+                CommandConsumer::new(bus.clone(), pool.clone(), handler.clone(), bus.producer()?);
+            tasks.push(tokio::spawn(consumer.run(stopped.clone())));
+        }
         let state = AppState {
             handler,
             read_side,
@@ -83,46 +140,81 @@ impl Application {
             clock: settings.clock.clone(),
             token_hash: blake3::hash(settings.api_token.expose().as_bytes()),
         };
-        let listener = TcpListener::bind(&settings.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let listener = if roles.http {
+            Some(
+                TcpListener::bind(&settings.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", settings.listen))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             listener,
             router: router(state.clone()),
-            follower,
+            tasks,
+            stop,
             state,
         })
     }
 
+    /// The HTTP address, when this process serves HTTP.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "this process does not serve HTTP",
+            )),
+        }
     }
 
-    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    /// Serves until `shutdown` completes, then finishes in-flight requests and lets the
+    /// background parts finish what they hold (10 s at most).
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
-        if let Some(f) = self.follower {
-            f.abort();
+        let result = match self.listener {
+            Some(listener) => {
+                axum::serve(listener, self.router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            None => {
+                shutdown.await;
+                Ok(())
+            }
+        };
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         result
     }
 }
 
-/// Follows commits of other instances sharing the database: each notification names an
-/// account, which is caught up from the store. When the listening connection was lost
-/// (notifications may have been missed), everything is replayed.
+/// Follows commits of other instances sharing the database (no bus): each notification
+/// names an account, which is caught up from the store. When the listening connection was
+/// lost (notifications may have been missed), everything is replayed.
 async fn follow_other_writers(
     mut listener: sqlx::postgres::PgListener,
     store: Arc<Store>,
     read_side: Arc<ReadSide>,
+    mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match listener.try_recv().await {
+        let next = tokio::select! {
+            n = listener.try_recv() => n,
+            _ = stop.changed() => return,
+        };
+        match next {
             Ok(Some(n)) => {
                 if let Err(e) = read_side.catch_up_account(&store, n.payload()).await {
                     tracing::warn!(error = %e, "cannot catch up an account changed by another instance");
@@ -136,7 +228,7 @@ async fn follow_other_writers(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "LISTEN failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }

@@ -13,6 +13,7 @@ use base64::Engine;
 use rand::rngs::OsRng;
 use rand::RngCore;
 
+use crate::bus::BusConfig;
 use crate::domain::{Clock, Policy, SecretString, SystemClock};
 
 /// The shortest pepper accepted (bytes).
@@ -38,6 +39,72 @@ pub struct Settings {
     pub default_from: Option<String>,
     pub clock: Arc<dyn Clock>,
     pub max_db_connections: u32,
+    /// The Kafka bus, when configured.
+    pub bus: Option<BusConfig>,
+    /// The parts this process runs.
+    pub roles: Roles,
+}
+
+/// The parts of the service a process runs; `all` by default. Each can run alone so they
+/// scale separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// The HTTP API (and the in-memory verification index it answers from).
+    pub http: bool,
+    /// The command consumer of the bus.
+    pub commands: bool,
+    /// The outbox relay.
+    pub relay: bool,
+    /// The projector (listing table and persisted index from the events topic).
+    pub projector: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        http: true,
+        commands: true,
+        relay: true,
+        projector: true,
+    };
+
+    /// Parses `all` or a comma-separated list of `http`, `commands`, `relay`, `projector`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut r = Roles {
+            http: false,
+            commands: false,
+            relay: false,
+            projector: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "all" => r = Roles::ALL,
+                "http" => r.http = true,
+                "commands" => r.commands = true,
+                "relay" => r.relay = true,
+                "projector" => r.projector = true,
+                other => {
+                    return Err(format!(
+                        "unknown role '{other}' (all, http, commands, relay, projector)"
+                    ))
+                }
+            }
+        }
+        if r == (Roles {
+            http: false,
+            commands: false,
+            relay: false,
+            projector: false,
+        }) {
+            return Err("no role given".into());
+        }
+        Ok(r)
+    }
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Roles::ALL
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +119,10 @@ pub enum ConfigError {
         "KEYLEDGER_API_TOKEN is too short: at least {MIN_TOKEN_BYTES} characters are required"
     )]
     ShortToken,
+    #[error(
+        "the Kafka bus needs PostgreSQL: set KEYLEDGER_DATABASE_URL with KEYLEDGER_KAFKA_BROKERS"
+    )]
+    BusWithoutPostgres,
     #[error("cannot use the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -71,6 +142,8 @@ pub struct Inputs {
     pub policy: Policy,
     pub default_from: Option<String>,
     pub max_db_connections: u32,
+    pub bus: Option<BusConfig>,
+    pub roles: Roles,
 }
 
 /// Where the embedded mode keeps its files.
@@ -94,6 +167,9 @@ impl Settings {
     /// Resolves the inputs: embedded secrets are read from, or generated into, the data
     /// directory. Returns the settings and, for embedded mode, where the token is.
     pub fn resolve(inputs: Inputs) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        if inputs.bus.is_some() && inputs.database_url.is_none() {
+            return Err(ConfigError::BusWithoutPostgres);
+        }
         let (storage, pepper, token, token_path) = match inputs.database_url {
             Some(url) => {
                 let pepper = inputs.pepper.ok_or(ConfigError::MissingPepper)?;
@@ -149,6 +225,8 @@ impl Settings {
             default_from: inputs.default_from,
             clock: Arc::new(SystemClock),
             max_db_connections: inputs.max_db_connections.max(1),
+            bus: inputs.bus,
+            roles: inputs.roles,
         };
         Ok((settings, token_path))
     }

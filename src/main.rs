@@ -26,9 +26,6 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.kafka_brokers.is_some() {
-        tracing::warn!("KEYLEDGER_KAFKA_BROKERS is set, but this build does not run the bus yet; serving HTTP only");
-    }
     let (settings, token_path) = Settings::resolve(args.inputs())?;
     let mode = if args.storage.database_url.is_some() {
         "postgresql"

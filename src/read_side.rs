@@ -14,7 +14,7 @@ use keyledger_projections::{Lookup, VerificationIndex};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::{KeyHasher, LoginEmail, PresentedKey};
+use crate::domain::{same_mailbox, KeyHasher, LoginEmail, PresentedKey};
 use crate::store::{Store, StoreError, StoredRecord, REPLAY_PAGE};
 
 /// Why a key did not verify (for logs; the public error is the same for every reason).
@@ -52,6 +52,13 @@ pub struct ValidKey {
 
 pub type VerifyOutcome = Result<ValidKey, Rejection>;
 
+/// A valid key's facts, borrowed from the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    pub key: keyledger_projections::Verified<'a>,
+    pub from_allowed: Option<bool>,
+}
+
 /// Figures of a replay.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReplayStats {
@@ -64,14 +71,19 @@ pub struct ReadSide {
     index: RwLock<VerificationIndex>,
     hasher: KeyHasher,
     default_from: Option<String>,
+    /// Whether this process writes the listing table after each commit (no bus), or
+    /// leaves it to the projector (bus on).
+    listing_in_process: std::sync::atomic::AtomicBool,
 }
 
 impl ReadSide {
     pub fn new(hasher: KeyHasher, default_from: Option<String>) -> Self {
+        let default_from = normalise(default_from);
         Self {
             index: RwLock::new(VerificationIndex::new()),
             hasher,
             default_from,
+            listing_in_process: true.into(),
         }
     }
 
@@ -85,7 +97,29 @@ impl ReadSide {
             index: RwLock::new(index),
             hasher,
             default_from,
+            listing_in_process: true.into(),
         }
+    }
+
+    /// Leaves the listing table to the projector (the bus is on).
+    pub fn leave_listing_to_projector(&self) {
+        self.listing_in_process
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Replaces the whole index (after loading a persisted one).
+    pub fn install(&self, index: VerificationIndex) {
+        *self.index_mut() = index;
+    }
+
+    /// Folds one event into the in-memory index only (skipped if already applied).
+    pub fn apply_in_memory(
+        &self,
+        account_id: &str,
+        sequence: u64,
+        event: &keyledger_events::KeyringEvent,
+    ) {
+        self.index_mut().apply(account_id, sequence, event);
     }
 
     fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, VerificationIndex> {
@@ -146,12 +180,17 @@ impl ReadSide {
             return Ok(());
         };
         // The listing table: fill a gap from the store if another writer got ahead.
-        match store.apply_to_listing(account_id, records).await {
-            Err(StoreError::Gap { checkpoint }) => {
-                let missing = store.events_after(account_id, checkpoint).await?;
-                store.apply_to_listing(account_id, &missing).await?;
+        if self
+            .listing_in_process
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            match store.apply_to_listing(account_id, records).await {
+                Err(StoreError::Gap { checkpoint }) => {
+                    let missing = store.events_after(account_id, checkpoint).await?;
+                    store.apply_to_listing(account_id, &missing).await?;
+                }
+                other => other?,
             }
-            other => other?,
         }
         // The index: the same.
         let applied = self.index().applied(account_id);
@@ -180,46 +219,65 @@ impl ReadSide {
         self.apply_committed(store, account_id, &records).await
     }
 
-    /// Verifies a presented key as of `now`, and answers the from-address rule when asked.
-    pub fn verify(&self, presented: &str, from: Option<&str>, now: DateTime<Utc>) -> VerifyOutcome {
-        let key = PresentedKey::parse(presented).map_err(|_| Rejection::Malformed)?;
+    /// Verifies a presented key as of `now` and hands the verdict, borrowed from the index
+    /// (no allocation), to `f`. The from-address rule is answered when `from` is given.
+    pub fn verify_with<R>(
+        &self,
+        presented: &str,
+        from: Option<&str>,
+        now: DateTime<Utc>,
+        f: impl FnOnce(Result<Verdict<'_>, Rejection>) -> R,
+    ) -> R {
+        let Ok(key) = PresentedKey::parse(presented) else {
+            return f(Err(Rejection::Malformed));
+        };
         let hash = self.hasher.hash(key.as_str());
         let index = self.index();
-        match index.lookup(&hash, now) {
-            Lookup::Valid(v) => {
-                let from_allowed = from.map(|f| self.may_send_as(f, v.login_email));
-                Ok(ValidKey {
-                    account_id: v.account_id.to_owned(),
-                    key_id: v.key_id,
-                    label: v.label.to_owned(),
-                    expires_at: v.expires_at,
-                    from_allowed,
-                })
-            }
+        let verdict = match index.lookup(&hash, now) {
+            Lookup::Valid(v) => Ok(Verdict {
+                from_allowed: from.map(|f| self.may_send_as(f, v.login_email)),
+                key: v,
+            }),
             Lookup::Unknown => Err(Rejection::Unknown),
             Lookup::Expired => Err(Rejection::Expired),
             Lookup::Revoked => Err(Rejection::Revoked),
-        }
+        };
+        f(verdict)
+    }
+
+    /// Verifies a presented key as of `now`, answering with owned facts.
+    pub fn verify(&self, presented: &str, from: Option<&str>, now: DateTime<Utc>) -> VerifyOutcome {
+        self.verify_with(presented, from, now, |verdict| {
+            verdict.map(|v| ValidKey {
+                account_id: v.key.account_id.to_owned(),
+                key_id: v.key.key_id,
+                label: v.key.label.to_owned(),
+                expires_at: v.key.expires_at,
+                from_allowed: v.from_allowed,
+            })
+        })
     }
 
     /// The custom-from-address rule: the account's login email, or the service's default
     /// sender.
     fn may_send_as(&self, from: &str, login_email: &str) -> bool {
-        let Ok(login) = LoginEmail::parse(login_email) else {
-            return false;
-        };
-        login.same_as(from)
+        same_mailbox(login_email, from)
             || self
                 .default_from
                 .as_deref()
-                .and_then(|d| LoginEmail::parse(d).ok())
-                .is_some_and(|d| d.same_as(from))
+                .is_some_and(|d| same_mailbox(d, from))
     }
 
     /// Keys and accounts in the index, and its heap size.
     pub fn index_stats(&self) -> keyledger_projections::IndexStats {
         self.index().stats()
     }
+}
+
+fn normalise(address: Option<String>) -> Option<String> {
+    address
+        .and_then(|a| LoginEmail::parse(&a).ok())
+        .map(|l| l.as_str().to_owned())
 }
 
 async fn flush_listing(store: &Store, behind: &mut Vec<StoredRecord>) -> Result<(), StoreError> {

@@ -217,6 +217,52 @@ impl VerificationIndex {
         true
     }
 
+    /// Restores an account from a persisted snapshot (before its keys).
+    pub fn restore_account(&mut self, account_id: &str, login_email: &str, applied: u64) {
+        let a = self.account(account_id) as usize;
+        self.accounts[a].login_email = login_email.into();
+        self.accounts[a].applied = self.accounts[a].applied.max(applied);
+    }
+
+    /// Restores one key from a persisted snapshot. `status` is `active`, `revoked` or
+    /// `expired`; a legacy key has no `key_hash` but a `legacy_hash`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_key(
+        &mut self,
+        account_id: &str,
+        key_id: Uuid,
+        key_hash: Option<&str>,
+        legacy_hash: Option<&str>,
+        label: &str,
+        expires_at: DateTime<Utc>,
+        status: &str,
+    ) {
+        let account = self.account(account_id);
+        let hash = key_hash.and_then(decode_hash).unwrap_or([0u8; 32]);
+        let slot = self.push_entry(account, key_id, label, &hash, expires_at);
+        self.entries[slot as usize].status = match status {
+            "revoked" => REVOKED,
+            "expired" => EXPIRED,
+            _ => ACTIVE,
+        };
+        match legacy_hash {
+            Some(legacy) => {
+                let username = legacy.split('_').next().unwrap_or_default();
+                self.legacy
+                    .entry(username.into())
+                    .or_default()
+                    .push(LegacyCandidate {
+                        entry: slot,
+                        legacy_hash: legacy.to_owned(),
+                    });
+            }
+            None => {
+                let (prefix, _) = split(&hash);
+                self.by_prefix.insert(prefix, slot);
+            }
+        }
+    }
+
     fn account(&mut self, account_id: &str) -> u32 {
         if let Some(&a) = self.account_ix.get(account_id) {
             return a;

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use chrono::{DateTime, Duration, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::Inputs;
+use crate::bus::BusConfig;
+use crate::config::{Inputs, Roles};
 use crate::domain::Policy;
 
 pub use client::run_keys;
@@ -99,9 +100,33 @@ pub struct ServeArgs {
     /// Size of the PostgreSQL connection pool.
     #[arg(long, env = "KEYLEDGER_DB_CONNECTIONS", default_value_t = 16)]
     pub db_connections: u32,
-    /// Kafka bootstrap servers (the bus is not part of this build yet; see the README).
+    /// Kafka bootstrap servers; set ⇒ the bus is on (needs PostgreSQL).
     #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// Prefix of every topic name.
+    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
+    pub topic_prefix: String,
+    /// Partitions of the topics keyledger creates.
+    #[arg(long, env = "KEYLEDGER_KAFKA_PARTITIONS", default_value_t = 6)]
+    pub kafka_partitions: i32,
+    /// Replication factor of the topics keyledger creates.
+    #[arg(long, env = "KEYLEDGER_KAFKA_REPLICATION", default_value_t = 1)]
+    pub kafka_replication: i32,
+    /// An extra librdkafka setting `key=value` for every client (repeatable; the
+    /// environment variable takes a comma-separated list).
+    #[arg(
+        long = "kafka-option",
+        env = "KEYLEDGER_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub kafka_options: Vec<String>,
+    /// Largest command envelope accepted from the bus, in bytes.
+    #[arg(long, env = "KEYLEDGER_MAX_COMMAND_BYTES", default_value_t = 1024 * 1024)]
+    pub max_command_bytes: usize,
+    /// The parts to run: `all`, or a comma-separated list of http, commands, relay,
+    /// projector (the last three need the bus).
+    #[arg(long, env = "KEYLEDGER_ROLES", default_value = "all", value_parser = Roles::parse)]
+    pub role: Roles,
 }
 
 impl ServeArgs {
@@ -123,6 +148,21 @@ impl ServeArgs {
             },
             default_from: self.default_from.clone(),
             max_db_connections: self.db_connections,
+            bus: self.kafka_brokers.as_ref().map(|brokers| {
+                let mut bus = BusConfig::new(brokers.clone());
+                bus.topic_prefix = self.topic_prefix.clone();
+                bus.partitions = self.kafka_partitions.max(1);
+                bus.replication = self.kafka_replication.max(1);
+                bus.max_command_bytes = self.max_command_bytes;
+                bus.overrides = self
+                    .kafka_options
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .collect();
+                bus
+            }),
+            roles: self.role,
         }
     }
 }

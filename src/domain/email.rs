@@ -154,6 +154,19 @@ impl LoginEmail {
     }
 }
 
+/// Whether `candidate` names the mailbox `normalised` (an address already normalised by
+/// this module): the local part compared exactly, the domain without ASCII case, no full
+/// parse (this runs on the verification hot path).
+pub fn same_mailbox(normalised: &str, candidate: &str) -> bool {
+    let (Some((l1, d1)), Some((l2, d2))) = (
+        normalised.rsplit_once('@'),
+        candidate.trim().rsplit_once('@'),
+    ) else {
+        return false;
+    };
+    l1 == l2 && d1.eq_ignore_ascii_case(d2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +207,20 @@ mod tests {
         ));
         let ok = Contacts::parse(&["a@x.gov.sg", "b@x.gov.sg"]).expect("valid");
         assert_eq!(ok.to_strings(), vec!["a@x.gov.sg", "b@x.gov.sg"]);
+    }
+
+    #[test]
+    fn same_mailbox_compares_domains_without_case() {
+        assert!(same_mailbox(
+            "John.Doe@agency.gov.sg",
+            " John.Doe@AGENCY.gov.sg "
+        ));
+        assert!(!same_mailbox(
+            "John.Doe@agency.gov.sg",
+            "john.doe@agency.gov.sg"
+        ));
+        assert!(!same_mailbox("a@x.gov.sg", "a@x.gov.sg.evil"));
+        assert!(!same_mailbox("a@x.gov.sg", "nonsense"));
     }
 
     #[test]

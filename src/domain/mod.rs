@@ -12,10 +12,12 @@ mod policy;
 
 pub use account::{AccountId, AccountIdError};
 pub use api_key::{
-    legacy_hash_username, mint_key, KeyHasher, LegacyHashError, MalformedKey, MintedKey,
-    PlaintextKey, PresentedKey, SecretString,
+    legacy_hash_username, mint_key, to_hex as hex, KeyHasher, LegacyHashError, MalformedKey,
+    MintedKey, PlaintextKey, PresentedKey, SecretString,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use email::{ContactEmail, Contacts, ContactsError, EmailError, LoginEmail, MAX_CONTACTS};
+pub use email::{
+    same_mailbox, ContactEmail, Contacts, ContactsError, EmailError, LoginEmail, MAX_CONTACTS,
+};
 pub use label::{Label, LabelError, MAX_LABEL_CHARS};
 pub use policy::Policy;

@@ -196,13 +196,19 @@ pub async fn update_contacts(
         key_id,
         contacts: body.contacts,
     };
-    run(&state, &headers, account_id.clone(), command).await?;
-    let row = state
-        .store
-        .listing_row(account_id.as_str(), key_id)
-        .await?
-        .ok_or(KeyringError::KeyNotFound(key_id))?;
-    Ok(Json(RowView::of(row, state.clock.now())).into_response())
+    let outcome = run(&state, &headers, account_id, command).await?;
+    // The row as the command left it (the listing table may be fed asynchronously).
+    let view = key_view(&outcome, state.clock.now())?;
+    Ok(Json(RowView {
+        key_id: view.key_id,
+        label: view.label,
+        last_five: view.last_five,
+        contacts: view.contacts,
+        created_at: view.created_at,
+        expires_at: view.expires_at,
+        status: view.status,
+    })
+    .into_response())
 }
 
 pub async fn revoke(

@@ -20,7 +20,6 @@ use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
-use uuid::Uuid;
 
 use crate::keyring::{Keyring, KeyringError};
 
@@ -223,23 +222,6 @@ impl Store {
             Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, account_id, None).await,
         }
     }
-
-    /// One listing row.
-    pub async fn listing_row(
-        &self,
-        account_id: &str,
-        key_id: Uuid,
-    ) -> Result<Option<ListingRow>, StoreError> {
-        let rows = match &self.backend {
-            Backend::Postgres { pool, .. } => {
-                postgres::listing_of(pool, account_id, Some(key_id)).await?
-            }
-            Backend::Sqlite { pool, .. } => {
-                sqlite::listing_of(pool, account_id, Some(key_id)).await?
-            }
-        };
-        Ok(rows.into_iter().next())
-    }
 }
 
 /// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
@@ -282,5 +264,84 @@ impl Store {
             }
             Backend::Sqlite { .. } => Ok(None),
         }
+    }
+}
+
+pub use postgres::{IndexRow, IndexSnapshot};
+
+impl Store {
+    /// The PostgreSQL pool (the bus runs on PostgreSQL only).
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => Some(pool),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+}
+
+/// Applies events consumed from a topic to the listing and the persisted index, and
+/// records the consumer's next offsets — all in one transaction. Records of each account
+/// must be in order; a gap is filled from the event store.
+pub async fn project_batch(
+    store: &Store,
+    consumer: &str,
+    topic: &str,
+    by_account: &[(String, Vec<StoredRecord>)],
+    next_offsets: &[(i32, i64)],
+) -> Result<(), StoreError> {
+    let pool = store.pg_pool().ok_or_else(|| StoreError::Corrupt {
+        account_id: String::new(),
+        sequence: 0,
+        reason: "the projector needs PostgreSQL".into(),
+    })?;
+    let mut tx = pool.begin().await?;
+    for (account, records) in by_account {
+        for apply in [0, 1] {
+            let result = if apply == 0 {
+                postgres::apply_to_listing_tx(&mut tx, account, records).await
+            } else {
+                postgres::apply_to_index_tx(&mut tx, account, records).await
+            };
+            if let Err(StoreError::Gap { checkpoint }) = result {
+                let missing = store.events_after(account, checkpoint).await?;
+                if apply == 0 {
+                    postgres::apply_to_listing_tx(&mut tx, account, &missing).await?;
+                } else {
+                    postgres::apply_to_index_tx(&mut tx, account, &missing).await?;
+                }
+            } else {
+                result?;
+            }
+        }
+    }
+    for (partition, next) in next_offsets {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset)",
+        )
+        .bind(consumer)
+        .bind(topic)
+        .bind(partition)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The persisted index with the projector's offsets, in one snapshot.
+pub async fn index_snapshot(
+    store: &Store,
+    consumer: &str,
+    topic: &str,
+) -> Result<IndexSnapshot, StoreError> {
+    match store.pg_pool() {
+        Some(pool) => postgres::index_snapshot(pool, consumer, topic).await,
+        None => Ok(IndexSnapshot {
+            accounts: vec![],
+            rows: vec![],
+            offsets: vec![],
+        }),
     }
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use keyledger::app::Application;
-use keyledger::config::{Inputs, Settings};
+use keyledger::config::{Inputs, Roles, Settings};
 use keyledger::domain::Policy;
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -124,6 +124,8 @@ pub fn settings(backing: &Backing, policy: Policy) -> Settings {
         policy,
         default_from: Some("donotreply@mail.postman.gov.sg".into()),
         max_db_connections: 8,
+        bus: None,
+        roles: Roles::ALL,
     };
     Settings::resolve(inputs).expect("valid settings").0
 }

@@ -1,0 +1,329 @@
+//! The command consumer: `keyledger.commands` in, `keyledger.command-results` (or
+//! `keyledger.dead-letters`) out.
+//!
+//! At-least-once, made exactly-once in effect by the command ids: a message is handled,
+//! its result (or dead letter) is acknowledged by the broker, and only then is its offset
+//! recorded in PostgreSQL. After a crash the message is handled again; the aggregate
+//! recognises the command id and the second result says `duplicate`. Offsets are read from
+//! PostgreSQL after every rebalance: a message below the stored offset is skipped (and the
+//! partition sought forward). Several instances share the work as one consumer group.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use keyledger_events::{
+    Command, CommandEnvelope, CommandResult, CommandStatus, DeadLetter, ErrorBody,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use super::{offsets, seal, BusConfig, BusError};
+use crate::domain::AccountId;
+use crate::handler::{CommandHandler, HandleError, Request, Status};
+use crate::keyring::KeyringError;
+
+/// How much of an oversized value a dead letter keeps.
+const DEAD_LETTER_KEEP: usize = 64 * 1024;
+
+/// Marks that partitions moved, so stored offsets are read again.
+#[derive(Default)]
+pub struct RebalanceFlag(pub AtomicBool);
+
+impl ClientContext for RebalanceFlag {}
+
+impl ConsumerContext for RebalanceFlag {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A consumer in a group that keeps its offsets in PostgreSQL.
+pub fn group_consumer(
+    bus: &BusConfig,
+    group: &str,
+    topic: &str,
+) -> Result<StreamConsumer<RebalanceFlag>, BusError> {
+    let mut c = bus.client_config();
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "50")
+        .set("receive.message.max.bytes", "104857600");
+    for (k, v) in &bus.overrides {
+        c.set(k, v);
+    }
+    let consumer: StreamConsumer<RebalanceFlag> = c.create_with_context(RebalanceFlag::default())?;
+    consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}
+
+/// Positions read from PostgreSQL, invalidated on rebalance.
+pub struct Positions {
+    consumer: String,
+    topic: String,
+    next: HashMap<i32, i64>,
+}
+
+impl Positions {
+    pub fn new(consumer: &str, topic: &str) -> Self {
+        Self {
+            consumer: consumer.to_owned(),
+            topic: topic.to_owned(),
+            next: HashMap::new(),
+        }
+    }
+
+    /// Whether the message at `offset` of `partition` is already done; seeks forward when
+    /// the consumer is behind the stored offset.
+    pub async fn already_done(
+        &mut self,
+        pool: &PgPool,
+        consumer: &StreamConsumer<RebalanceFlag>,
+        partition: i32,
+        offset: i64,
+    ) -> Result<bool, BusError> {
+        if consumer.context().0.swap(false, Ordering::SeqCst) {
+            self.next.clear();
+        }
+        let next = match self.next.get(&partition) {
+            Some(n) => *n,
+            None => {
+                let n = offsets::load(pool, &self.consumer, &self.topic, partition).await?;
+                self.next.insert(partition, n);
+                if offset < n {
+                    if let Err(e) = consumer.seek(
+                        &self.topic,
+                        partition,
+                        Offset::Offset(n),
+                        Duration::from_secs(5),
+                    ) {
+                        tracing::debug!(error = %e, partition, "seek failed; skipping instead");
+                    }
+                }
+                n
+            }
+        };
+        Ok(offset < next)
+    }
+
+    pub fn advance(&mut self, partition: i32, next: i64) {
+        self.next.insert(partition, next);
+    }
+}
+
+pub struct CommandConsumer {
+    bus: BusConfig,
+    pool: PgPool,
+    handler: Arc<CommandHandler>,
+    producer: FutureProducer,
+}
+
+/// What one message produced.
+enum Reply {
+    Result(CommandResult),
+    DeadLetter(DeadLetter),
+}
+
+impl CommandConsumer {
+    pub fn new(
+        bus: BusConfig,
+        pool: PgPool,
+        handler: Arc<CommandHandler>,
+        producer: FutureProducer,
+    ) -> Self {
+        Self {
+            bus,
+            pool,
+            handler,
+            producer,
+        }
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        while !*stop.borrow() {
+            match self.consume(&mut stop).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "command consumer interrupted; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!("command consumer stopped");
+    }
+
+    async fn consume(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+        let topic = self.bus.commands_topic();
+        let consumer = group_consumer(&self.bus, &self.bus.commands_group, &topic)?;
+        let mut positions = Positions::new(&self.bus.commands_group, &topic);
+        loop {
+            let message = tokio::select! {
+                m = consumer.recv() => m?,
+                _ = stop.changed() => return Ok(()),
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            if positions
+                .already_done(&self.pool, &consumer, partition, offset)
+                .await?
+            {
+                continue;
+            }
+            let reply = self.handle(&message).await;
+            self.publish(reply, &message).await?;
+            offsets::save(
+                &self.pool,
+                &self.bus.commands_group,
+                &topic,
+                partition,
+                offset + 1,
+            )
+            .await?;
+            positions.advance(partition, offset + 1);
+        }
+    }
+
+    /// Handles one message; retries while the store is unavailable (the message stays
+    /// unacknowledged), so a database outage loses nothing.
+    async fn handle(&self, message: &BorrowedMessage<'_>) -> Reply {
+        let raw = message.payload().unwrap_or_default();
+        let dead = |reason: String| {
+            Reply::DeadLetter(DeadLetter {
+                reason,
+                original: STANDARD.encode(&raw[..raw.len().min(DEAD_LETTER_KEEP)]),
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+            })
+        };
+        if raw.len() > self.bus.max_command_bytes {
+            return dead(format!(
+                "oversized: {} bytes, the limit is {} (original truncated to {} bytes)",
+                raw.len(),
+                self.bus.max_command_bytes,
+                DEAD_LETTER_KEEP
+            ));
+        }
+        let envelope: CommandEnvelope = match serde_json::from_slice(raw) {
+            Ok(e) => e,
+            Err(e) => return dead(format!("unparseable command envelope: {e}")),
+        };
+        let reject = |code: &str, message: String| {
+            Reply::Result(CommandResult {
+                command_id: envelope.command_id,
+                account_id: envelope.account_id.clone(),
+                status: CommandStatus::Rejected,
+                error: Some(ErrorBody {
+                    code: code.to_owned(),
+                    message,
+                }),
+                key_id: None,
+                sealed_api_key: None,
+                event_sequences: vec![],
+            })
+        };
+        let account_id = match AccountId::parse(&envelope.account_id) {
+            Ok(a) => a,
+            Err(e) => {
+                let e = KeyringError::from(e);
+                return reject(e.code(), e.to_string());
+            }
+        };
+        let needs_key = matches!(
+            envelope.command,
+            Command::GenerateKey { .. } | Command::RotateKey { .. }
+        );
+        let reply_key = if needs_key {
+            match seal::parse_public_key(envelope.reply_public_key.as_deref()) {
+                Ok(k) => Some(k),
+                Err(e) => return reject("invalid_reply_public_key", e.to_string()),
+            }
+        } else {
+            None
+        };
+        let request = Request {
+            account_id,
+            command_id: envelope.command_id,
+            issued_by: envelope.issued_by.clone().unwrap_or_else(|| "bus".into()),
+            command: envelope.command.clone(),
+        };
+        let mut backoff = Duration::from_millis(100);
+        let outcome = loop {
+            match self.handler.execute(request.clone()).await {
+                Ok(o) => break o,
+                Err(HandleError::Rejected(e)) => return reject(e.code(), e.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, command_id = %envelope.command_id, "command not handled yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let sealed_api_key = match (&outcome.api_key, &reply_key) {
+            (Some(key), Some(pk)) => match seal::seal(pk, key.expose().as_bytes()) {
+                Ok(s) => Some(s),
+                Err(e) => return reject("internal", e.to_string()),
+            },
+            _ => None,
+        };
+        Reply::Result(CommandResult {
+            command_id: envelope.command_id,
+            account_id: envelope.account_id.clone(),
+            status: match outcome.status {
+                Status::Accepted => CommandStatus::Accepted,
+                Status::Duplicate => CommandStatus::Duplicate,
+            },
+            error: None,
+            key_id: outcome.key.as_ref().map(|k| k.key_id),
+            sealed_api_key,
+            event_sequences: outcome.sequences.clone(),
+        })
+    }
+
+    /// Publishes a result (keyed by command id) or a dead letter, and waits for the ack.
+    async fn publish(&self, reply: Reply, message: &BorrowedMessage<'_>) -> Result<(), BusError> {
+        let (topic, key, bytes) = match reply {
+            Reply::Result(r) => {
+                tracing::info!(command_id = %r.command_id, status = ?r.status, code = r.error.as_ref().map(|e| e.code.as_str()), "command handled");
+                (
+                    self.bus.results_topic(),
+                    r.command_id.to_string(),
+                    serde_json::to_vec(&r),
+                )
+            }
+            Reply::DeadLetter(d) => {
+                tracing::warn!(partition = d.partition, offset = d.offset, reason = %d.reason, "dead letter");
+                let key = message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                (self.bus.dead_letters_topic(), key, serde_json::to_vec(&d))
+            }
+        };
+        let bytes = bytes.unwrap_or_default();
+        let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| BusError::Kafka(e))?;
+        Ok(())
+    }
+}

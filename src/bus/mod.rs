@@ -1,0 +1,142 @@
+//! The bus: Kafka topics in and out of keyledger.
+//!
+//! - [`relay`] publishes every committed event from the PostgreSQL outbox to the events
+//!   topic, in per-account order, with the account's hash-chain value.
+//! - [`commands`] consumes command envelopes, hands them to the command handler, and
+//!   publishes one result per envelope (or a dead letter for what cannot be parsed).
+//! - [`projector`] builds the listing table and the persisted verification index from the
+//!   events topic; [`follower`] keeps each instance's in-memory index current from it.
+//!
+//! Consumer offsets live in PostgreSQL (`consumer_offsets`), written in the same
+//! transaction as the effect they record; Kafka's own group offsets are not relied on.
+//! Producers are idempotent; no Kafka transactions are used.
+
+pub mod chain;
+pub mod commands;
+pub mod follower;
+pub mod offsets;
+pub mod projector;
+pub mod relay;
+pub mod seal;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+
+/// Kafka settings.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub brokers: String,
+    /// Prefix of every topic name (`keyledger.`).
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication: i32,
+    /// Extra librdkafka settings (`key=value`), applied to every client.
+    pub overrides: Vec<(String, String)>,
+    /// Consumer group of the command consumer.
+    pub commands_group: String,
+    /// Consumer group of the projector.
+    pub projector_group: String,
+    /// Largest command envelope accepted, in bytes.
+    pub max_command_bytes: usize,
+}
+
+impl BusConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: "keyledger.".into(),
+            partitions: 6,
+            replication: 1,
+            overrides: Vec::new(),
+            commands_group: "keyledger-commands".into(),
+            projector_group: "keyledger-projector".into(),
+            max_command_bytes: 1024 * 1024,
+        }
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    pub fn commands_topic(&self) -> String {
+        self.topic("commands")
+    }
+    pub fn results_topic(&self) -> String {
+        self.topic("command-results")
+    }
+    pub fn events_topic(&self) -> String {
+        self.topic("events")
+    }
+    pub fn notifications_topic(&self) -> String {
+        self.topic("notifications")
+    }
+    pub fn dead_letters_topic(&self) -> String {
+        self.topic("dead-letters")
+    }
+
+    /// A client configuration with the brokers and the overrides.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c.set("client.id", "keyledger");
+        for (k, v) in &self.overrides {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer (acks=all, ordered retries). Never transactional.
+    pub fn producer(&self) -> Result<FutureProducer, BusError> {
+        let mut c = self.client_config();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .set("message.max.bytes", "16777216");
+        for (k, v) in &self.overrides {
+            c.set(k, v);
+        }
+        Ok(c.create()?)
+    }
+
+    /// Creates keyledger's topics when missing.
+    pub async fn ensure_topics(&self) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let names = [
+            (self.commands_topic(), self.partitions),
+            (self.results_topic(), self.partitions),
+            (self.events_topic(), self.partitions),
+            (self.notifications_topic(), self.partitions),
+            (self.dead_letters_topic(), 1),
+        ];
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(self.replication)))
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&topics, &opts).await? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(BusError::Topic(topic, code.to_string())),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot create topic {0}: {1}")]
+    Topic(String, String),
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+}

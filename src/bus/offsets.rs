@@ -1,0 +1,42 @@
+//! Consumer offsets in PostgreSQL: the next offset to read, per consumer and partition.
+
+use sqlx::PgPool;
+
+/// The next offset `consumer` should read on `topic`/`partition` (0 when none is stored).
+pub async fn load(
+    pool: &PgPool,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, sqlx::Error> {
+    let next: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets WHERE consumer = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?;
+    Ok(next.unwrap_or(0))
+}
+
+/// Records that everything before `next` on `topic`/`partition` is done.
+pub async fn save(
+    pool: &PgPool,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset)",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(next)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The projector: the listing table and the persisted verification index, built from the
+//! events topic.
+//!
+//! Each batch of records is applied, and the next offsets recorded, in one PostgreSQL
+//! transaction; per-account checkpoints skip what was already applied (a republished
+//! record, a replay after a crash), so a crash or a rebalance never applies an event twice
+//! or skips one.
+
+use std::time::Duration;
+
+use keyledger_events::{EventEnvelope, KeyringEvent};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use super::commands::{group_consumer, Positions, RebalanceFlag};
+use super::{BusConfig, BusError};
+use crate::store::{project_batch, Store, StoredRecord};
+
+/// Most records applied in one transaction.
+const BATCH: usize = 500;
+
+/// Turns an event envelope from the topic back into a stored record.
+pub fn record_of(envelope: EventEnvelope) -> Result<StoredRecord, serde_json::Error> {
+    let tagged = serde_json::json!({ envelope.event_type.clone(): envelope.payload });
+    let event: KeyringEvent = serde_json::from_value(tagged)?;
+    Ok(StoredRecord {
+        account_id: envelope.account_id,
+        sequence: envelope.sequence,
+        event,
+    })
+}
+
+/// Parses one record of the events topic.
+pub fn parse_event(bytes: &[u8]) -> Result<StoredRecord, serde_json::Error> {
+    record_of(serde_json::from_slice(bytes)?)
+}
+
+pub struct Projector {
+    bus: BusConfig,
+    store: std::sync::Arc<Store>,
+    pool: PgPool,
+}
+
+impl Projector {
+    pub fn new(bus: BusConfig, store: std::sync::Arc<Store>, pool: PgPool) -> Self {
+        Self { bus, store, pool }
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        while !*stop.borrow() {
+            match self.consume(&mut stop).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "projector interrupted; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!("projector stopped");
+    }
+
+    async fn consume(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+        let topic = self.bus.events_topic();
+        let group = self.bus.projector_group.clone();
+        let consumer: StreamConsumer<RebalanceFlag> = group_consumer(&self.bus, &group, &topic)?;
+        let mut positions = Positions::new(&group, &topic);
+        loop {
+            let first = tokio::select! {
+                m = consumer.recv() => m?,
+                _ = stop.changed() => return Ok(()),
+            };
+            // Gather what is already there, up to a batch.
+            let mut messages = vec![first];
+            while messages.len() < BATCH {
+                match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                    Ok(m) => messages.push(m?),
+                    Err(_) => break,
+                }
+            }
+            let mut by_account: Vec<(String, Vec<StoredRecord>)> = Vec::new();
+            let mut next: Vec<(i32, i64)> = Vec::new();
+            for m in &messages {
+                let (partition, offset) = (m.partition(), m.offset());
+                if positions
+                    .already_done(&self.pool, &consumer, partition, offset)
+                    .await?
+                {
+                    continue;
+                }
+                match next.iter_mut().find(|(p, _)| *p == partition) {
+                    Some(entry) => entry.1 = entry.1.max(offset + 1),
+                    None => next.push((partition, offset + 1)),
+                }
+                match parse_event(m.payload().unwrap_or_default()) {
+                    Ok(record) => {
+                        match by_account.iter_mut().find(|(a, _)| *a == record.account_id) {
+                            Some((_, records)) => records.push(record),
+                            None => by_account.push((record.account_id.clone(), vec![record])),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(partition, offset, error = %e, "unreadable record on the events topic; skipped")
+                    }
+                }
+            }
+            if next.is_empty() {
+                continue;
+            }
+            // A republished record may repeat one already in this batch: keep order, drop repeats.
+            for (_, records) in &mut by_account {
+                records.sort_by_key(|r| r.sequence);
+                records.dedup_by_key(|r| r.sequence);
+            }
+            project_batch(&self.store, &group, &topic, &by_account, &next).await?;
+            for (p, n) in next {
+                positions.advance(p, n);
+            }
+        }
+    }
+}

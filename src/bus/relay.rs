@@ -1,0 +1,267 @@
+//! The outbox relay: every committed event, exactly once in effect, in per-account order,
+//! on the events topic.
+//!
+//! A trigger on `events` copies each event into `outbox` in the writing transaction. The
+//! relay reads only rows whose transaction is older than the oldest one still running
+//! (`xact_id < pg_snapshot_xmin(pg_current_snapshot())`), so it never skips a row of a
+//! transaction still in flight; it publishes them in position order (which, per account,
+//! is sequence order: an account's next event is written only after its previous one
+//! committed), keyed by account, with the idempotent producer; only when every record of
+//! the batch is acknowledged does it record their chain values and delete them from the
+//! outbox, in one transaction. A crash in between republishes some records: consumers
+//! dedupe on (account, sequence), and the republished envelope is byte-identical (the event
+//! id and chain value are derived, not random).
+//!
+//! One relay publishes at a time: each holds a PostgreSQL advisory lock while it runs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keyledger_events::{EventEnvelope, KeyringEvent, EVENT_VERSION};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::chain;
+use super::BusError;
+
+/// The advisory lock that makes one relay the publisher.
+const RELAY_LOCK: i64 = 0x6b6c_7265_6c61; // "klrela"
+/// Namespace of derived event ids: `event_id = UUIDv5(ns, "{account}/{sequence}")`.
+pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b65796c_6564_6765_7200_6576656e7473);
+
+pub fn event_id(account_id: &str, sequence: u64) -> Uuid {
+    Uuid::new_v5(
+        &EVENT_ID_NAMESPACE,
+        format!("{account_id}/{sequence}").as_bytes(),
+    )
+}
+
+struct OutboxRow {
+    position: i64,
+    account_id: String,
+    sequence: u64,
+    event: KeyringEvent,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    topic: String,
+    batch: i64,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, producer: FutureProducer, topic: String) -> Self {
+        Self {
+            pool,
+            producer,
+            topic,
+            batch: 1000,
+        }
+    }
+
+    /// Runs until `stop` turns true; finishes the batch in hand first.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        while !*stop.borrow() {
+            match self.lead(&mut stop).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay interrupted; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!("relay stopped");
+    }
+
+    /// Takes the lead (the advisory lock) and publishes until stopped.
+    async fn lead(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+        let mut lock = self.pool.acquire().await?;
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut *lock)
+                .await?;
+            if got {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        tracing::info!("relay is publishing");
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("keyledger_outbox").await?;
+        let mut heads: HashMap<String, (u64, [u8; 32])> = HashMap::new();
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            // Still the leader? (The lock lives as long as this connection.)
+            sqlx::query("SELECT 1").execute(&mut *lock).await?;
+            let published = self.publish_batch(&mut heads).await?;
+            if published == 0 {
+                tokio::select! {
+                    _ = listener.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Publishes one batch; returns how many records it published.
+    async fn publish_batch(
+        &self,
+        heads: &mut HashMap<String, (u64, [u8; 32])>,
+    ) -> Result<usize, BusError> {
+        let rows = sqlx::query(
+            "SELECT position, aggregate_id, sequence, payload::text AS payload FROM outbox \
+             WHERE xact_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY position LIMIT $1",
+        )
+        .bind(self.batch)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let account_id: String = r.get("aggregate_id");
+            let sequence = r.get::<i64, _>("sequence").max(0) as u64;
+            let payload: String = r.get("payload");
+            let event: KeyringEvent = serde_json::from_str(&payload).map_err(|e| {
+                BusError::Store(crate::store::StoreError::Corrupt {
+                    account_id: account_id.clone(),
+                    sequence: sequence as i64,
+                    reason: e.to_string(),
+                })
+            })?;
+            batch.push(OutboxRow {
+                position: r.get("position"),
+                account_id,
+                sequence,
+                event,
+            });
+        }
+        // Chain values, in order.
+        let mut chains = Vec::with_capacity(batch.len());
+        for row in &batch {
+            let previous = self
+                .previous_chain(heads, &row.account_id, row.sequence)
+                .await?;
+            let value = chain::next(&previous, &row.account_id, row.sequence, &row.event);
+            heads.insert(row.account_id.clone(), (row.sequence, value));
+            chains.push(value);
+        }
+        // Publish everything, then wait for every acknowledgement.
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for (row, value) in batch.iter().zip(&chains) {
+            let envelope = EventEnvelope {
+                event_id: event_id(&row.account_id, row.sequence),
+                account_id: row.account_id.clone(),
+                sequence: row.sequence,
+                event_type: row.event.event_type().to_owned(),
+                event_version: EVENT_VERSION.to_owned(),
+                occurred_at: row.event.occurred_at(),
+                command_id: row.event.command_id(),
+                chain: chain::to_hex(value),
+                payload: row.event.payload(),
+            };
+            let bytes = serde_json::to_vec(&envelope).unwrap_or_default();
+            let producer = self.producer.clone();
+            let topic = self.topic.clone();
+            let key = row.account_id.clone();
+            deliveries.push(async move {
+                let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
+                producer.send(record, Duration::from_secs(30)).await
+            });
+        }
+        for result in futures::future::join_all(deliveries).await {
+            if let Err((e, _)) = result {
+                // Nothing is deleted: the whole batch is published again (consumers dedupe).
+                heads.clear();
+                return Err(BusError::Kafka(e));
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let accounts: Vec<&str> = batch.iter().map(|r| r.account_id.as_str()).collect();
+        let sequences: Vec<i64> = batch.iter().map(|r| r.sequence as i64).collect();
+        let values: Vec<String> = chains.iter().map(chain::to_hex).collect();
+        sqlx::query(
+            "INSERT INTO event_chain (account_id, sequence, chain) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&accounts)
+        .bind(&sequences)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?;
+        let positions: Vec<i64> = batch.iter().map(|r| r.position).collect();
+        sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(batch.len())
+    }
+
+    /// The chain value before `sequence` of `account_id`.
+    async fn previous_chain(
+        &self,
+        heads: &HashMap<String, (u64, [u8; 32])>,
+        account_id: &str,
+        sequence: u64,
+    ) -> Result<[u8; 32], BusError> {
+        if sequence <= 1 {
+            return Ok(chain::GENESIS);
+        }
+        if let Some((s, v)) = heads.get(account_id) {
+            if *s + 1 == sequence {
+                return Ok(*v);
+            }
+        }
+        let stored: Option<String> = sqlx::query_scalar(
+            "SELECT chain FROM event_chain WHERE account_id = $1 AND sequence = $2",
+        )
+        .bind(account_id)
+        .bind(sequence as i64 - 1)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(v) = stored.as_deref().and_then(chain::from_hex) {
+            return Ok(v);
+        }
+        // Not recorded (the outbox was filled before the chain existed): recompute from
+        // the account's stored events.
+        let rows = sqlx::query(
+            "SELECT sequence, payload::text AS payload FROM events \
+             WHERE aggregate_type = 'Keyring' AND aggregate_id = $1 AND sequence < $2 ORDER BY sequence",
+        )
+        .bind(account_id)
+        .bind(sequence as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut value = chain::GENESIS;
+        for r in rows {
+            let seq = r.get::<i64, _>("sequence").max(0) as u64;
+            let event: KeyringEvent = serde_json::from_str(r.get("payload")).map_err(|e| {
+                BusError::Store(crate::store::StoreError::Corrupt {
+                    account_id: account_id.to_owned(),
+                    sequence: seq as i64,
+                    reason: e.to_string(),
+                })
+            })?;
+            value = chain::next(&value, account_id, seq, &event);
+        }
+        Ok(value)
+    }
+}
