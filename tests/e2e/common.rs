@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use keyledger::app::Application;
+use keyledger::bus::BusConfig;
 use keyledger::config::{Inputs, Roles, Settings};
 use keyledger::domain::Policy;
 use reqwest::{Response, StatusCode};
@@ -111,6 +112,10 @@ impl Backing {
 }
 
 pub fn settings(backing: &Backing, policy: Policy) -> Settings {
+    settings_with(backing, policy, None, Roles::ALL)
+}
+
+pub fn settings_with(backing: &Backing, policy: Policy, bus: Option<BusConfig>, roles: Roles) -> Settings {
     let (database_url, data_dir) = match backing {
         Backing::Postgres(url) => (Some(url.clone()), PathBuf::from("unused")),
         Backing::Embedded(dir) => (None, dir.clone()),
@@ -124,8 +129,8 @@ pub fn settings(backing: &Backing, policy: Policy) -> Settings {
         policy,
         default_from: Some("donotreply@mail.postman.gov.sg".into()),
         max_db_connections: 8,
-        bus: None,
-        roles: Roles::ALL,
+        bus,
+        roles,
     };
     Settings::resolve(inputs).expect("valid settings").0
 }
@@ -135,6 +140,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub backing: Backing,
+    pub bus: Option<BusConfig>,
+    pub roles: Roles,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -145,8 +152,17 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backing: Backing, policy: Policy) -> Self {
+        Self::spawn_full(backing, policy, None, Roles::ALL).await
+    }
+
+    /// The service with the bus on (PostgreSQL only), running `roles`.
+    pub async fn spawn_bus(backing: Backing, bus: BusConfig, roles: Roles) -> Self {
+        Self::spawn_full(backing, Policy::default(), Some(bus), roles).await
+    }
+
+    pub async fn spawn_full(backing: Backing, policy: Policy, bus: Option<BusConfig>, roles: Roles) -> Self {
         capture_logs();
-        let app = Application::build(settings(&backing, policy))
+        let app = Application::build(settings_with(&backing, policy, bus.clone(), roles))
             .await
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
@@ -158,6 +174,8 @@ impl TestApp {
             addr,
             http: reqwest::Client::new(),
             backing,
+            bus,
+            roles,
             stop: Some(tx),
             task: Some(task),
         }
@@ -166,7 +184,7 @@ impl TestApp {
     /// Stops the server (graceful) and starts a new one on the same data.
     pub async fn restart(mut self) -> Self {
         self.shutdown().await;
-        Self::spawn(self.backing.clone()).await
+        Self::spawn_full(self.backing.clone(), Policy::default(), self.bus.clone(), self.roles).await
     }
 
     pub async fn shutdown(&mut self) {

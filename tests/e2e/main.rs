@@ -5,6 +5,8 @@
 mod common;
 
 mod bad_input;
+mod bus;
+mod kafka;
 mod cli;
 mod concurrency;
 mod lifecycle;

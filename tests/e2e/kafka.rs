@@ -1,0 +1,123 @@
+//! Helpers for tests against the real Kafka-protocol broker (tansu, started by
+//! scripts/test): topic names per test, a plain producer, a reader of whole topics, and the
+//! service as separate processes that can be killed.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keyledger::bus::BusConfig;
+use keyledger::config::Roles;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::process::{Child, Command};
+
+use crate::common::{PEPPER, TOKEN};
+
+/// The broker the suite runs against.
+pub fn brokers() -> String {
+    std::env::var("KEYLEDGER_TEST_KAFKA_BROKERS")
+        .expect("KEYLEDGER_TEST_KAFKA_BROKERS is not set: run the suite with scripts/test, which starts the broker")
+}
+
+/// A bus configuration with topics of its own (a fresh prefix per test).
+pub fn bus() -> BusConfig {
+    let mut bus = BusConfig::new(brokers());
+    bus.topic_prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    bus.partitions = 3;
+    bus.max_command_bytes = 1024 * 1024;
+    bus
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "16000000")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer")
+}
+
+pub async fn produce(p: &FutureProducer, topic: &str, key: &str, value: &[u8]) {
+    p.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produced");
+}
+
+/// One record read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Reads `topic` from the beginning until `done(records)` or `timeout`.
+pub fn read_until(topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let started = Instant::now();
+    let mut records = Vec::new();
+    while started.elapsed() < timeout && !done(&records) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            records.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                value: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    records
+}
+
+/// The service as a real process (so it can be SIGKILLed).
+pub async fn spawn_process(database_url: &str, bus: &BusConfig, roles: &str) -> Child {
+    let _ = Roles::parse(roles).expect("valid roles");
+    Command::new(env!("CARGO_BIN_EXE_keyledger"))
+        .arg("serve")
+        .env("KEYLEDGER_DATABASE_URL", database_url)
+        .env("KEYLEDGER_PEPPER", PEPPER)
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .env("KEYLEDGER_KAFKA_BROKERS", &bus.brokers)
+        .env("KEYLEDGER_TOPIC_PREFIX", &bus.topic_prefix)
+        .env("KEYLEDGER_KAFKA_PARTITIONS", bus.partitions.to_string())
+        .env("KEYLEDGER_ROLES", roles)
+        .env("KEYLEDGER_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "keyledger=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("keyledger runs")
+}
+
+/// SIGKILL, no goodbye.
+pub async fn kill9(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let _ = child.wait().await;
+}
