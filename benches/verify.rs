@@ -131,7 +131,7 @@ fn bench(c: &mut Criterion) {
             black_box(
                 f.read_side
                     .verify_with(black_box(&f.hits[i]), None, f.now, |v| {
-                        v.map(|v| v.key.key_id)
+                        v.map(|v| v.key.key_id())
                     }),
             )
         })

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod handler;
 pub mod http;
 pub mod keyring;
+pub mod loadgen;
 pub mod read_side;
 pub mod store;
 pub mod telemetry;

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keyledger::app::{open_store, shutdown_signal, Application};
-use keyledger::cli::{run_keys, Cli, Commands, LogFormat, ServeArgs};
+use keyledger::bus::BusConfig;
+use keyledger::cli::{run_keys, BenchWhat, Cli, Commands, LogFormat, ServeArgs};
 use keyledger::config::{Inputs, Settings};
 
 #[tokio::main]
@@ -15,6 +16,20 @@ async fn main() -> ExitCode {
         Commands::Serve(args) => serve(args).await,
         Commands::Migrate(args) => migrate(args).await,
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
+        Commands::Bench {
+            what: BenchWhat::Commands(a),
+        } => {
+            let mut bus = BusConfig::new(a.kafka_brokers);
+            bus.topic_prefix = a.topic_prefix;
+            keyledger::loadgen::run(keyledger::loadgen::LoadSettings {
+                database_url: a.database_url,
+                bus,
+                commands: a.count,
+                accounts: a.accounts.max(1),
+                raw: a.raw,
+            })
+            .await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

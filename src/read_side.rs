@@ -235,7 +235,7 @@ impl ReadSide {
         let index = self.index();
         let verdict = match index.lookup(&hash, now) {
             Lookup::Valid(v) => Ok(Verdict {
-                from_allowed: from.map(|f| self.may_send_as(f, v.login_email)),
+                from_allowed: from.map(|f| self.may_send_as(f, v.login_email())),
                 key: v,
             }),
             Lookup::Unknown => Err(Rejection::Unknown),
@@ -249,10 +249,10 @@ impl ReadSide {
     pub fn verify(&self, presented: &str, from: Option<&str>, now: DateTime<Utc>) -> VerifyOutcome {
         self.verify_with(presented, from, now, |verdict| {
             verdict.map(|v| ValidKey {
-                account_id: v.key.account_id.to_owned(),
-                key_id: v.key.key_id,
-                label: v.key.label.to_owned(),
-                expires_at: v.key.expires_at,
+                account_id: v.key.account_id().to_owned(),
+                key_id: v.key.key_id(),
+                label: v.key.label().to_owned(),
+                expires_at: v.key.expires_at(),
                 from_allowed: v.from_allowed,
             })
         })

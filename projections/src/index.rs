@@ -77,15 +77,68 @@ pub struct LegacyCandidate {
     pub legacy_hash: String,
 }
 
-/// A valid key's facts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A valid key, borrowed from the index. Its facts are read on demand, so a caller that
+/// needs only the verdict and the key id touches no more memory than that (each further
+/// fact is another cache line on a cold index).
+#[derive(Clone, Copy)]
 pub struct Verified<'a> {
-    pub account_id: &'a str,
-    pub login_email: &'a str,
-    pub key_id: Uuid,
-    pub label: &'a str,
-    pub expires_at: DateTime<Utc>,
+    index: &'a VerificationIndex,
+    slot: u32,
 }
+
+impl<'a> Verified<'a> {
+    fn entry(&self) -> &'a Entry {
+        &self.index.entries[self.slot as usize]
+    }
+
+    fn account(&self) -> &'a Account {
+        &self.index.accounts[self.entry().account as usize]
+    }
+
+    pub fn key_id(&self) -> Uuid {
+        self.entry().key_id
+    }
+
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        from_micros(self.entry().expires_at)
+    }
+
+    pub fn account_id(&self) -> &'a str {
+        &self.account().id
+    }
+
+    pub fn login_email(&self) -> &'a str {
+        &self.account().login_email
+    }
+
+    pub fn label(&self) -> &'a str {
+        let e = self.entry();
+        let start = e.label_start as usize;
+        self.index
+            .labels
+            .get(start..start + e.label_len as usize)
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Verified<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("account_id", &self.account_id())
+            .field("key_id", &self.key_id())
+            .field("label", &self.label())
+            .field("expires_at", &self.expires_at())
+            .finish()
+    }
+}
+
+impl PartialEq for Verified<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.index, other.index) && self.slot == other.slot
+    }
+}
+
+impl Eq for Verified<'_> {}
 
 /// The answer of a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,17 +385,7 @@ impl VerificationIndex {
             REVOKED => Lookup::Revoked,
             EXPIRED => Lookup::Expired,
             _ if e.expires_at <= now_micros => Lookup::Expired,
-            _ => {
-                let acc = &self.accounts[e.account as usize];
-                let start = e.label_start as usize;
-                Lookup::Valid(Verified {
-                    account_id: &acc.id,
-                    login_email: &acc.login_email,
-                    key_id: e.key_id,
-                    label: &self.labels[start..start + e.label_len as usize],
-                    expires_at: from_micros(e.expires_at),
-                })
-            }
+            _ => Lookup::Valid(Verified { index: self, slot }),
         }
     }
 
@@ -441,10 +484,11 @@ mod tests {
         ix.apply("acc", 2, &generated(k2, &h2, later));
         match ix.lookup(&h1, now) {
             Lookup::Valid(v) => {
-                assert_eq!(v.account_id, "acc");
-                assert_eq!(v.key_id, k1);
-                assert_eq!(v.label, "prod");
-                assert_eq!(v.login_email, "john.doe@agency.gov.sg");
+                assert_eq!(v.account_id(), "acc");
+                assert_eq!(v.key_id(), k1);
+                assert_eq!(v.label(), "prod");
+                assert_eq!(v.login_email(), "john.doe@agency.gov.sg");
+                assert_eq!(v.expires_at(), later);
             }
             other => panic!("expected valid, got {other:?}"),
         }

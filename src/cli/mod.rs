@@ -48,6 +48,39 @@ pub enum Commands {
     Migrate(StorageArgs),
     /// Manage keys through a running server's HTTP API.
     Keys(KeysArgs),
+    /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// GenerateKey commands over the bus against a running keyledger, next to the raw
+    /// database and broker rates.
+    Commands(BenchCommandsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchCommandsArgs {
+    /// The PostgreSQL of the running keyledger.
+    #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The Kafka of the running keyledger.
+    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
+    pub topic_prefix: String,
+    /// GenerateKey commands at full speed (half as many again, paced).
+    #[arg(long, default_value_t = 2000)]
+    pub count: usize,
+    /// Accounts they are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub accounts: usize,
+    /// Raw database commits measured (four times as many broker records).
+    #[arg(long, default_value_t = 2000)]
+    pub raw: usize,
 }
 
 #[derive(Debug, Clone, Args)]

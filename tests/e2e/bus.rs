@@ -21,7 +21,10 @@ use crate::kafka::{self, kill9, produce, spawn_process, Record};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn read_until(topic: String, done: impl Fn(&[Record]) -> bool + Send + 'static) -> Vec<Record> {
+async fn read_until(
+    topic: String,
+    done: impl Fn(&[Record]) -> bool + Send + 'static,
+) -> Vec<Record> {
     tokio::task::spawn_blocking(move || kafka::read_until(&topic, WAIT, done))
         .await
         .expect("reader")
@@ -49,7 +52,11 @@ fn reply_key() -> (SecretKey, String) {
 }
 
 fn results_for(records: &[Record], command_id: Uuid) -> Vec<Value> {
-    records.iter().filter(|r| r.key == command_id.to_string()).map(Record::json).collect()
+    records
+        .iter()
+        .filter(|r| r.key == command_id.to_string())
+        .map(Record::json)
+        .collect()
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
@@ -67,7 +74,10 @@ fn assert_no_plaintext(records: &[Record], secrets: &[String], topic: &str) {
         let text = String::from_utf8_lossy(&r.value);
         for s in secrets {
             assert!(!text.contains(s.as_str()), "a plaintext key on {topic}");
-            assert!(!text.contains(&s[s.len() - 44..]), "a key's secret part on {topic}");
+            assert!(
+                !text.contains(&s[s.len() - 44..]),
+                "a key's secret part on {topic}"
+            );
         }
     }
 }
@@ -79,15 +89,27 @@ async fn a_command_from_a_plain_producer_yields_its_result_event_and_listing_row
     let app = TestApp::spawn_bus(backing, bus.clone(), Roles::ALL).await;
     let (sk, pk) = reply_key();
     let command_id = Uuid::new_v4();
-    produce(&kafka::producer(), &bus.commands_topic(), "bus-acc", &generate_envelope(command_id, "bus-acc", "prod", &pk)).await;
+    produce(
+        &kafka::producer(),
+        &bus.commands_topic(),
+        "bus-acc",
+        &generate_envelope(command_id, "bus-acc", "prod", &pk),
+    )
+    .await;
 
-    let results = read_until(bus.results_topic(), move |r| !results_for(r, command_id).is_empty()).await;
+    let results = read_until(bus.results_topic(), move |r| {
+        !results_for(r, command_id).is_empty()
+    })
+    .await;
     let result = results_for(&results, command_id).pop().expect("a result");
     assert_eq!(result["status"], "accepted", "{result}");
     assert_eq!(result["account_id"], "bus-acc");
     assert_eq!(result["event_sequences"], json!([1]));
-    let sealed = STANDARD.decode(result["sealed_api_key"].as_str().expect("sealed key")).expect("base64");
-    let api_key = String::from_utf8(sk.unseal(&sealed).expect("opens with our private key")).expect("utf-8");
+    let sealed = STANDARD
+        .decode(result["sealed_api_key"].as_str().expect("sealed key"))
+        .expect("base64");
+    let api_key =
+        String::from_utf8(sk.unseal(&sealed).expect("opens with our private key")).expect("utf-8");
     assert!(api_key.starts_with("johndoe_v1_"));
     let v = app.verify(&api_key, None).await;
     assert_eq!(v["valid"], true, "{v}");
@@ -106,12 +128,18 @@ async fn a_command_from_a_plain_producer_yields_its_result_event_and_listing_row
     assert_eq!(e["payload"]["label"], "prod");
     assert_eq!(e["payload"]["key_id"], result["key_id"]);
     assert_eq!(e["payload"]["key_hash"].as_str().map(str::len), Some(64));
-    assert_eq!(e["payload"]["last_five"].as_str(), Some(&api_key[api_key.len() - 5..]));
+    assert_eq!(
+        e["payload"]["last_five"].as_str(),
+        Some(&api_key[api_key.len() - 5..])
+    );
     let record = parse_event(&events[0].value).expect("parses");
     let expected_chain = chain::next(&chain::GENESIS, "bus-acc", 1, &record.event);
     assert_eq!(e["chain"], chain::to_hex(&expected_chain));
 
-    wait_for("the listing row", || async { app.list("bus-acc").await["keys"].as_array().map(Vec::len) == Some(1) }).await;
+    wait_for("the listing row", || async {
+        app.list("bus-acc").await["keys"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
     assert_eq!(app.list("bus-acc").await["keys"][0]["label"], "prod");
 
     // Nothing on the results or events topics holds the key.
@@ -135,20 +163,37 @@ async fn what_cannot_be_parsed_goes_to_the_dead_letters_and_consumption_continue
     produce(&p, &topic, "a", &big).await;
     let (_, pk) = reply_key();
     let valid = Uuid::new_v4();
-    produce(&p, &topic, "a", &generate_envelope(valid, "a", "after-the-junk", &pk)).await;
+    produce(
+        &p,
+        &topic,
+        "a",
+        &generate_envelope(valid, "a", "after-the-junk", &pk),
+    )
+    .await;
 
     let dead = read_until(bus.dead_letters_topic(), |r| r.len() >= 4).await;
     assert_eq!(dead.len(), 4, "one dead letter per bad value");
-    let reasons: Vec<String> = dead.iter().map(|d| d.json()["reason"].as_str().unwrap_or_default().to_owned()).collect();
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| d.json()["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
     assert!(reasons[0].contains("unparseable"), "{reasons:?}");
     assert!(reasons[1].contains("unknown variant"), "{reasons:?}");
     assert!(reasons[2].contains("command_id"), "{reasons:?}");
     assert!(reasons[3].contains("oversized"), "{reasons:?}");
     let first = dead[0].json();
-    assert_eq!(STANDARD.decode(first["original"].as_str().expect("original")).expect("b64"), b"{not json");
+    assert_eq!(
+        STANDARD
+            .decode(first["original"].as_str().expect("original"))
+            .expect("b64"),
+        b"{not json"
+    );
     assert_eq!(first["topic"], json!(topic));
     assert!(first["offset"].is_i64());
-    let results = read_until(bus.results_topic(), move |r| !results_for(r, valid).is_empty()).await;
+    let results = read_until(bus.results_topic(), move |r| {
+        !results_for(r, valid).is_empty()
+    })
+    .await;
     assert_eq!(results_for(&results, valid)[0]["status"], "accepted");
 }
 
@@ -164,14 +209,20 @@ async fn a_command_delivered_three_times_has_one_effect_and_three_results() {
     for _ in 0..3 {
         produce(&p, &bus.commands_topic(), "thrice", &envelope).await;
     }
-    let results = read_until(bus.results_topic(), move |r| results_for(r, command_id).len() >= 3).await;
+    let results = read_until(bus.results_topic(), move |r| {
+        results_for(r, command_id).len() >= 3
+    })
+    .await;
     let statuses: Vec<String> = results_for(&results, command_id)
         .iter()
         .map(|r| r["status"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(statuses, vec!["accepted", "duplicate", "duplicate"]);
     let all = results_for(&results, command_id);
-    assert!(all[1]["sealed_api_key"].is_null(), "a duplicate carries no key");
+    assert!(
+        all[1]["sealed_api_key"].is_null(),
+        "a duplicate carries no key"
+    );
     assert_eq!(all[1]["key_id"], all[0]["key_id"]);
     let events = read_quiet(bus.events_topic(), Duration::from_secs(3)).await;
     assert_eq!(events.len(), 1, "one effect");
@@ -185,7 +236,10 @@ fn positions(records: &[Record]) -> Vec<(String, u64)> {
         .iter()
         .map(|r| {
             let j = r.json();
-            (j["account_id"].as_str().unwrap_or_default().to_owned(), j["sequence"].as_u64().unwrap_or(0))
+            (
+                j["account_id"].as_str().unwrap_or_default().to_owned(),
+                j["sequence"].as_u64().unwrap_or(0),
+            )
         })
         .collect()
 }
@@ -201,9 +255,17 @@ fn assert_ordered(records: &[Record], expected_per_account: u64, allow_duplicate
         if allow_duplicates {
             seen.dedup();
             let unique: BTreeSet<u64> = seqs.iter().copied().collect();
-            assert_eq!(unique, (1..=expected_per_account).collect(), "{account}: every event present");
+            assert_eq!(
+                unique,
+                (1..=expected_per_account).collect(),
+                "{account}: every event present"
+            );
         } else {
-            assert_eq!(seen, (1..=expected_per_account).collect::<Vec<_>>(), "{account}: exactly once, in order");
+            assert_eq!(
+                seen,
+                (1..=expected_per_account).collect::<Vec<_>>(),
+                "{account}: exactly once, in order"
+            );
         }
         let mut max = 0;
         for s in &seqs {
@@ -217,7 +279,10 @@ async fn generate_many(app: &TestApp, accounts: usize, per_account: usize, tasks
     let jobs: Vec<(String, String)> = (0..per_account)
         .flat_map(|k| (0..accounts).map(move |a| (format!("acct-{a:03}"), format!("key-{k:03}"))))
         .collect();
-    let chunks: Vec<Vec<(String, String)>> = jobs.chunks(jobs.len().div_ceil(tasks)).map(<[_]>::to_vec).collect();
+    let chunks: Vec<Vec<(String, String)>> = jobs
+        .chunks(jobs.len().div_ceil(tasks))
+        .map(<[_]>::to_vec)
+        .collect();
     futures::future::join_all(chunks.into_iter().map(|chunk| async move {
         for (account, label) in chunk {
             let (status, body) = app.generate(&account, &label, &["ops@agency.gov.sg"]).await;
@@ -237,7 +302,11 @@ async fn a_thousand_concurrent_commands_are_published_exactly_once_in_order() {
     let events = {
         // Give a straggler duplicate the chance to show up.
         let more = read_quiet(bus.events_topic(), Duration::from_secs(2)).await;
-        if more.len() > events.len() { more } else { events }
+        if more.len() > events.len() {
+            more
+        } else {
+            events
+        }
     };
     assert_eq!(events.len(), 1000, "each committed event exactly once");
     assert_ordered(&events, 20, false);
@@ -281,9 +350,16 @@ async fn listing_table(url: &str) -> Vec<ListingRow> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_projection() {
     let backing = Backing::postgres().await;
-    let Backing::Postgres(url) = backing.clone() else { unreachable!() };
+    let Backing::Postgres(url) = backing.clone() else {
+        unreachable!()
+    };
     let bus = kafka::bus();
-    let app = TestApp::spawn_bus(backing, bus.clone(), Roles::parse("http,commands,projector").expect("roles")).await;
+    let app = TestApp::spawn_bus(
+        backing,
+        bus.clone(),
+        Roles::parse("http,commands,projector").expect("roles"),
+    )
+    .await;
     let mut relay = spawn_process(&url, &bus, "relay").await;
     let load = generate_many(&app, 20, 15, 4);
     let watch_and_kill = async {
@@ -316,13 +392,27 @@ async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_proje
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_replay() {
     let backing = Backing::postgres().await;
-    let Backing::Postgres(url) = backing.clone() else { unreachable!() };
+    let Backing::Postgres(url) = backing.clone() else {
+        unreachable!()
+    };
     let bus = kafka::bus();
-    let app = TestApp::spawn_bus(backing, bus.clone(), Roles::parse("http,commands,relay").expect("roles")).await;
+    let app = TestApp::spawn_bus(
+        backing,
+        bus.clone(),
+        Roles::parse("http,commands,relay").expect("roles"),
+    )
+    .await;
     generate_many(&app, 20, 15, 4).await;
     // Revoke and rotate some, so the replay has more than inserts.
     let listing = app.list("acct-000").await;
-    let keys: Vec<String> = listing["keys"].as_array().map(|a| a.iter().filter_map(|k| k["key_id"].as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    let keys: Vec<String> = listing["keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k["key_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
     let _ = keys;
     let mut projector = spawn_process(&url, &bus, "projector").await;
     wait_for("the projector to start applying", || async {
@@ -343,7 +433,10 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(last, expected, "the listing equals a fresh replay (killed after {partial} rows)");
+    assert_eq!(
+        last, expected,
+        "the listing equals a fresh replay (killed after {partial} rows)"
+    );
     // The persisted verification index resumes too: a fresh HTTP instance answers from it.
     let counts: HashMap<String, usize> = expected.iter().fold(HashMap::new(), |mut m, r| {
         *m.entry(r.account_id.clone()).or_default() += 1;

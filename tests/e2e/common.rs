@@ -115,7 +115,12 @@ pub fn settings(backing: &Backing, policy: Policy) -> Settings {
     settings_with(backing, policy, None, Roles::ALL)
 }
 
-pub fn settings_with(backing: &Backing, policy: Policy, bus: Option<BusConfig>, roles: Roles) -> Settings {
+pub fn settings_with(
+    backing: &Backing,
+    policy: Policy,
+    bus: Option<BusConfig>,
+    roles: Roles,
+) -> Settings {
     let (database_url, data_dir) = match backing {
         Backing::Postgres(url) => (Some(url.clone()), PathBuf::from("unused")),
         Backing::Embedded(dir) => (None, dir.clone()),
@@ -160,7 +165,12 @@ impl TestApp {
         Self::spawn_full(backing, Policy::default(), Some(bus), roles).await
     }
 
-    pub async fn spawn_full(backing: Backing, policy: Policy, bus: Option<BusConfig>, roles: Roles) -> Self {
+    pub async fn spawn_full(
+        backing: Backing,
+        policy: Policy,
+        bus: Option<BusConfig>,
+        roles: Roles,
+    ) -> Self {
         capture_logs();
         let app = Application::build(settings_with(&backing, policy, bus.clone(), roles))
             .await
@@ -184,7 +194,13 @@ impl TestApp {
     /// Stops the server (graceful) and starts a new one on the same data.
     pub async fn restart(mut self) -> Self {
         self.shutdown().await;
-        Self::spawn_full(self.backing.clone(), Policy::default(), self.bus.clone(), self.roles).await
+        Self::spawn_full(
+            self.backing.clone(),
+            Policy::default(),
+            self.bus.clone(),
+            self.roles,
+        )
+        .await
     }
 
     pub async fn shutdown(&mut self) {

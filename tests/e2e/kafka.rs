@@ -40,10 +40,13 @@ pub fn producer() -> FutureProducer {
 }
 
 pub async fn produce(p: &FutureProducer, topic: &str, key: &str, value: &[u8]) {
-    p.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| e)
-        .expect("produced");
+    p.send(
+        FutureRecord::to(topic).key(key).payload(value),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("produced");
 }
 
 /// One record read back.
@@ -70,11 +73,14 @@ pub fn read_until(topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bo
         .set("fetch.wait.max.ms", "20")
         .create()
         .expect("consumer");
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
     let mut tpl = TopicPartitionList::new();
     for t in metadata.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("partition");
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("partition");
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -85,7 +91,10 @@ pub fn read_until(topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bo
             records.push(Record {
                 partition: m.partition(),
                 offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
                 value: m.payload().unwrap_or_default().to_vec(),
             });
         }
@@ -117,7 +126,9 @@ pub async fn spawn_process(database_url: &str, bus: &BusConfig, roles: &str) -> 
 /// SIGKILL, no goodbye.
 pub async fn kill9(child: &mut Child) {
     if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
     }
     let _ = child.wait().await;
 }

@@ -6,7 +6,7 @@ mod common;
 
 mod bad_input;
 mod bus;
-mod kafka;
 mod cli;
 mod concurrency;
+mod kafka;
 mod lifecycle;

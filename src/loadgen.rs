@@ -1,0 +1,264 @@
+//! `keyledger bench commands`: a load tool for the bus, next to the raw rates of the same
+//! broker and database.
+//!
+//! Against a running keyledger (all roles) it measures, in one go:
+//! 1. the raw database rate: single-row INSERT + COMMIT from one connection;
+//! 2. the raw broker rate: a bare idempotent producer (500-byte values) and a bare consumer;
+//! 3. GenerateKey commands over the bus at full speed: throughput (command produced → its
+//!    result on the results topic) and end-to-end latency (produced → listing row visible);
+//! 4. the same commands paced at half of the measured peak: latency p50/p99.
+//!
+//! It prints a Markdown table (for docs/PERFORMANCE.md).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+
+use crate::bus::BusConfig;
+
+pub struct LoadSettings {
+    pub database_url: String,
+    pub bus: BusConfig,
+    pub commands: usize,
+    pub accounts: usize,
+    pub raw: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn raw_database(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_raw_commits (id bigserial PRIMARY KEY, v text NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    let started = Instant::now();
+    for i in 0..n {
+        sqlx::query("INSERT INTO bench_raw_commits (v) VALUES ($1)")
+            .bind(format!("row {i}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_raw_commits")
+        .execute(&mut *conn)
+        .await?;
+    Ok(rate)
+}
+
+async fn raw_broker(bus: &BusConfig, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut raw = bus.clone();
+    raw.topic_prefix = format!(
+        "{}bench-raw-{}.",
+        bus.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
+    raw.ensure_topics().await?;
+    let topic = raw.events_topic();
+    let producer = bus.producer()?;
+    let value = vec![b'x'; 500];
+    let started = Instant::now();
+    let sends: Vec<_> = (0..n)
+        .map(|i| {
+            let (p, t, v, k) = (
+                producer.clone(),
+                topic.clone(),
+                value.clone(),
+                format!("k{}", i % 64),
+            );
+            async move {
+                p.send(
+                    FutureRecord::to(&t).key(&k).payload(&v),
+                    Duration::from_secs(30),
+                )
+                .await
+            }
+        })
+        .collect();
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| e)?;
+    }
+    let produce_rate = n as f64 / started.elapsed().as_secs_f64();
+    let consume_rate = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let consumer = reader(&raw, &topic)?;
+        let started = Instant::now();
+        let mut got = 0;
+        while got < n && started.elapsed() < Duration::from_secs(120) {
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                m?;
+                got += 1;
+            }
+        }
+        Ok(got as f64 / started.elapsed().as_secs_f64())
+    })
+    .await??;
+    Ok((produce_rate, consume_rate))
+}
+
+/// A bare consumer of every partition of `topic` from the beginning.
+pub fn reader(bus: &BusConfig, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let mut c = bus.client_config();
+    c.set(
+        "group.id",
+        format!("keyledger-reader-{}", uuid::Uuid::new_v4()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("fetch.wait.max.ms", "20");
+    let consumer: BaseConsumer = c.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Sends `n` GenerateKey commands, `pace` apart (none: as fast as possible); returns the
+/// throughput (commands/s until the last result) and the produced→listed latencies (ms).
+async fn commands(
+    s: &LoadSettings,
+    pool: &PgPool,
+    n: usize,
+    pace: Option<Duration>,
+    run: &str,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let producer = s.bus.producer()?;
+    let reply = STANDARD.encode(
+        crypto_box::SecretKey::generate(&mut rand::rngs::OsRng)
+            .public_key()
+            .as_bytes(),
+    );
+    let mut sent_at: HashMap<String, Instant> = HashMap::with_capacity(n);
+    let mut listed_at: HashMap<String, Instant> = HashMap::with_capacity(n);
+    let started = Instant::now();
+    let account_prefix = format!("bench-{run}-");
+    let poll = |pool: PgPool, prefix: String| async move {
+        sqlx::query("SELECT label FROM key_listing WHERE account_id LIKE $1")
+            .bind(format!("{prefix}%"))
+            .fetch_all(&pool)
+            .await
+    };
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let account = format!("{account_prefix}{}", i % s.accounts);
+        let label = format!("{run}-{i}");
+        let envelope = json!({
+            "command_id": uuid::Uuid::now_v7(), "account_id": account, "issued_by": "bench",
+            "command": {"type": "GenerateKey", "label": label, "contacts": ["ops@agency.gov.sg"], "login_email": "bench.user@agency.gov.sg"},
+            "reply_public_key": reply,
+        });
+        let bytes = serde_json::to_vec(&envelope)?;
+        let (p, t) = (producer.clone(), s.bus.commands_topic());
+        sent_at.insert(label, Instant::now());
+        pending.push(tokio::spawn(async move {
+            p.send(
+                FutureRecord::to(&t).key(&account).payload(&bytes),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+        }));
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
+            if i % 20 == 0 {
+                for r in poll(pool.clone(), account_prefix.clone()).await? {
+                    let l: String = r.get("label");
+                    listed_at.entry(l).or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+    for p in pending {
+        p.await?.map_err(|(e, _)| e)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while listed_at.len() < n && Instant::now() < deadline {
+        for r in poll(pool.clone(), account_prefix.clone()).await? {
+            let l: String = r.get("label");
+            listed_at.entry(l).or_insert_with(Instant::now);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = listed_at
+        .values()
+        .max()
+        .map(|t| t.duration_since(started))
+        .unwrap_or_default();
+    let mut latencies: Vec<f64> = listed_at
+        .iter()
+        .filter_map(|(l, t)| {
+            sent_at
+                .get(l)
+                .map(|s| t.duration_since(*s).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    anyhow::ensure!(
+        latencies.len() == n,
+        "only {} of {n} commands reached the listing",
+        latencies.len()
+    );
+    Ok((n as f64 / elapsed.as_secs_f64(), latencies))
+}
+
+pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&s.database_url)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    eprintln!("raw database: {} single-row commits…", s.raw);
+    let db = raw_database(&pool, s.raw).await?;
+    eprintln!("raw broker: {} records…", s.raw * 4);
+    let (produce, consume) = raw_broker(&s.bus, s.raw * 4).await?;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    eprintln!(
+        "GenerateKey over the bus at full speed: {} commands over {} accounts…",
+        s.commands, s.accounts
+    );
+    let (peak, full) = commands(&s, &pool, s.commands, None, &format!("{run}a")).await?;
+    let half = peak / 2.0;
+    let paced_n = (s.commands / 2).max(100);
+    eprintln!("GenerateKey paced at half the peak ({half:.0}/s): {paced_n} commands…");
+    let pace = Duration::from_secs_f64(1.0 / half.max(1.0));
+    let (_, paced) = commands(&s, &pool, paced_n, Some(pace), &format!("{run}b")).await?;
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!("| raw database: single-row INSERT+COMMIT, one connection | {db:.0}/s |");
+    println!("| raw broker: idempotent produce, 500-byte values | {produce:.0}/s |");
+    println!("| raw broker: bare consumer | {consume:.0}/s |");
+    println!(
+        "| GenerateKey over the bus, produced → listed (peak) | {peak:.0}/s ({:.2}× raw commits) |",
+        peak / db
+    );
+    println!(
+        "| latency at peak, p50 / p99 | {:.0} ms / {:.0} ms |",
+        percentile(&full, 0.5),
+        percentile(&full, 0.99)
+    );
+    println!(
+        "| latency at half of peak ({half:.0}/s), p50 / p99 | {:.0} ms / {:.0} ms |",
+        percentile(&paced, 0.5),
+        percentile(&paced, 0.99)
+    );
+    Ok(())
+}
