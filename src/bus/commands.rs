@@ -30,6 +30,9 @@ use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
 use crate::keyring::KeyringError;
 
+/// How long without any record before partitions are checked for a stuck record.
+const IDLE: Duration = Duration::from_secs(3);
+
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
 
@@ -62,7 +65,12 @@ pub fn group_consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
-        .set("receive.message.max.bytes", "104857600");
+        // Records up to 64 MiB are fetched (a broker that does not return a record larger
+        // than the fetch size would otherwise stall the partition on it); what exceeds the
+        // command limit becomes a dead letter.
+        .set("max.partition.fetch.bytes", "67108864")
+        .set("fetch.max.bytes", "134217728")
+        .set("receive.message.max.bytes", "268435456");
     for (k, v) in &bus.overrides {
         c.set(k, v);
     }
@@ -177,7 +185,13 @@ impl CommandConsumer {
         let mut positions = Positions::new(&self.bus.commands_group, &topic);
         loop {
             let message = tokio::select! {
-                m = consumer.recv() => m?,
+                m = tokio::time::timeout(IDLE, consumer.recv()) => match m {
+                    Ok(m) => m?,
+                    Err(_) => {
+                        self.unstick(&consumer, &mut positions, &topic).await?;
+                        continue;
+                    }
+                },
                 _ = stop.changed() => return Ok(()),
             };
             let (partition, offset) = (message.partition(), message.offset());
@@ -199,6 +213,63 @@ impl CommandConsumer {
             .await?;
             positions.advance(partition, offset + 1);
         }
+    }
+
+    /// Called when nothing arrived for [`IDLE`]: a partition whose next offset is below its
+    /// high watermark then holds a record the broker will not hand out. tansu 0.6.0 caps a
+    /// fetch at 5 MiB and never returns a larger record (Kafka returns it anyway, KIP-74),
+    /// which would stall the partition for ever. Such a record gets a dead letter (without
+    /// its bytes, which cannot be read) and consumption moves past it.
+    async fn unstick(
+        &self,
+        consumer: &StreamConsumer<RebalanceFlag>,
+        positions: &mut Positions,
+        topic: &str,
+    ) -> Result<(), BusError> {
+        let partitions: Vec<i32> = consumer
+            .assignment()?
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        for partition in partitions {
+            let next = match positions.next.get(&partition) {
+                Some(n) => *n,
+                None => offsets::load(&self.pool, &self.bus.commands_group, topic, partition).await?,
+            };
+            let (_, high) = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(error = %e, partition, "no watermarks");
+                    continue;
+                }
+            };
+            if next >= high {
+                continue;
+            }
+            tracing::warn!(partition, offset = next, high, "a record cannot be fetched; dead-lettering it");
+            let dead = DeadLetter {
+                reason: format!(
+                    "unfetchable: the record at offset {next} was not delivered by the broker (larger than its fetch limit)"
+                ),
+                original: String::new(),
+                topic: topic.to_owned(),
+                partition,
+                offset: next,
+            };
+            let bytes = serde_json::to_vec(&dead).unwrap_or_default();
+            let dlq = self.bus.dead_letters_topic();
+            self.producer
+                .send(FutureRecord::<str, _>::to(&dlq).payload(&bytes), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| BusError::Kafka(e))?;
+            offsets::save(&self.pool, &self.bus.commands_group, topic, partition, next + 1).await?;
+            positions.advance(partition, next + 1);
+            if let Err(e) = consumer.seek(topic, partition, Offset::Offset(next + 1), Duration::from_secs(5)) {
+                tracing::warn!(error = %e, partition, "seek past the unfetchable record failed");
+            }
+        }
+        Ok(())
     }
 
     /// Handles one message; retries while the store is unavailable (the message stays

@@ -58,6 +58,9 @@ pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl Write for LogBuffer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("KEYLEDGER_TEST_LOG").is_some() {
+            let _ = std::io::stderr().write_all(buf);
+        }
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
