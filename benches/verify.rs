@@ -127,7 +127,12 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 i = (i + 1) % pool.len();
-                black_box(f.read_side.verify_with(black_box(&pool[i]), None, f.now, |v| v.map(|v| v.key.key_id())))
+                black_box(
+                    f.read_side
+                        .verify_with(black_box(&pool[i]), None, f.now, |v| {
+                            v.map(|v| v.key.key_id())
+                        }),
+                )
             })
         });
     }
@@ -142,7 +147,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("hit_hot_with_from", |b| {
         b.iter(|| {
             i = (i + 1) % hot.len();
-            black_box(f.read_side.verify(black_box(&hot[i]), Some("john.doe@agency.gov.sg"), f.now))
+            black_box(
+                f.read_side
+                    .verify(black_box(&hot[i]), Some("john.doe@agency.gov.sg"), f.now),
+            )
         })
     });
     g.bench_function("miss", |b| {

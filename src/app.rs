@@ -77,7 +77,12 @@ impl Application {
                     tasks.push(tokio::spawn(follower.run(stopped.clone())));
                 }
                 if roles.relay {
-                    let relay = Relay::new(pool.clone(), bus.producer()?, bus.events_topic());
+                    let relay = Relay::new(
+                        pool.clone(),
+                        bus.producer()?,
+                        bus.events_topic(),
+                        bus.relay_batch,
+                    );
                     tasks.push(tokio::spawn(relay.run(stopped.clone())));
                 }
                 if roles.projector {

@@ -47,8 +47,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "embedded"
     };
+    let roles = settings.roles;
+    let bus = settings.bus.is_some();
     let app = Application::build(settings).await?;
-    let addr = app.local_addr()?;
     if let Some(path) = token_path {
         eprintln!(
             "keyledger (embedded, data in {}) — API token in {}",
@@ -56,7 +57,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    tracing::info!(%addr, mode, "keyledger listening");
+    match app.local_addr() {
+        Ok(addr) => tracing::info!(%addr, mode, bus, ?roles, "keyledger listening"),
+        Err(_) => tracing::info!(mode, bus, ?roles, "keyledger running (no HTTP)"),
+    }
     app.run_until(shutdown_signal()).await?;
     Ok(())
 }

@@ -235,19 +235,27 @@ impl CommandConsumer {
         for partition in partitions {
             let next = match positions.next.get(&partition) {
                 Some(n) => *n,
-                None => offsets::load(&self.pool, &self.bus.commands_group, topic, partition).await?,
-            };
-            let (_, high) = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::debug!(error = %e, partition, "no watermarks");
-                    continue;
+                None => {
+                    offsets::load(&self.pool, &self.bus.commands_group, topic, partition).await?
                 }
             };
+            let (_, high) =
+                match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::debug!(error = %e, partition, "no watermarks");
+                        continue;
+                    }
+                };
             if next >= high {
                 continue;
             }
-            tracing::warn!(partition, offset = next, high, "a record cannot be fetched; dead-lettering it");
+            tracing::warn!(
+                partition,
+                offset = next,
+                high,
+                "a record cannot be fetched; dead-lettering it"
+            );
             let dead = DeadLetter {
                 reason: format!(
                     "unfetchable: the record at offset {next} was not delivered by the broker (larger than its fetch limit)"
@@ -260,12 +268,27 @@ impl CommandConsumer {
             let bytes = serde_json::to_vec(&dead).unwrap_or_default();
             let dlq = self.bus.dead_letters_topic();
             self.producer
-                .send(FutureRecord::<str, _>::to(&dlq).payload(&bytes), Duration::from_secs(30))
+                .send(
+                    FutureRecord::<str, _>::to(&dlq).payload(&bytes),
+                    Duration::from_secs(30),
+                )
                 .await
                 .map_err(|(e, _)| BusError::Kafka(e))?;
-            offsets::save(&self.pool, &self.bus.commands_group, topic, partition, next + 1).await?;
+            offsets::save(
+                &self.pool,
+                &self.bus.commands_group,
+                topic,
+                partition,
+                next + 1,
+            )
+            .await?;
             positions.advance(partition, next + 1);
-            if let Err(e) = consumer.seek(topic, partition, Offset::Offset(next + 1), Duration::from_secs(5)) {
+            if let Err(e) = consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(next + 1),
+                Duration::from_secs(5),
+            ) {
                 tracing::warn!(error = %e, partition, "seek past the unfetchable record failed");
             }
         }

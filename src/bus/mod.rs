@@ -43,6 +43,8 @@ pub struct BusConfig {
     pub projector_group: String,
     /// Largest command envelope accepted, in bytes.
     pub max_command_bytes: usize,
+    /// Most outbox rows the relay publishes per batch.
+    pub relay_batch: i64,
 }
 
 impl BusConfig {
@@ -56,6 +58,7 @@ impl BusConfig {
             commands_group: "keyledger-commands".into(),
             projector_group: "keyledger-projector".into(),
             max_command_bytes: 1024 * 1024,
+            relay_batch: 1000,
         }
     }
 

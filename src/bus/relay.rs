@@ -54,12 +54,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, producer: FutureProducer, topic: String) -> Self {
+    pub fn new(pool: PgPool, producer: FutureProducer, topic: String, batch: i64) -> Self {
         Self {
             pool,
             producer,
             topic,
-            batch: 1000,
+            batch: batch.max(1),
         }
     }
 

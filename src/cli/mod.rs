@@ -153,6 +153,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub kafka_options: Vec<String>,
+    /// Most outbox rows the relay publishes per batch.
+    #[arg(long, env = "KEYLEDGER_RELAY_BATCH", default_value_t = 1000)]
+    pub relay_batch: i64,
     /// Largest command envelope accepted from the bus, in bytes.
     #[arg(long, env = "KEYLEDGER_MAX_COMMAND_BYTES", default_value_t = 1024 * 1024)]
     pub max_command_bytes: usize,
@@ -187,6 +190,7 @@ impl ServeArgs {
                 bus.partitions = self.kafka_partitions.max(1);
                 bus.replication = self.kafka_replication.max(1);
                 bus.max_command_bytes = self.max_command_bytes;
+                bus.relay_batch = self.relay_batch;
                 bus.overrides = self
                     .kafka_options
                     .iter()

@@ -145,7 +145,7 @@ async fn a_command_from_a_plain_producer_yields_its_result_event_and_listing_row
     // Nothing on the results or events topics holds the key.
     let results = read_quiet(bus.results_topic(), Duration::from_secs(1)).await;
     let events = read_quiet(bus.events_topic(), Duration::from_secs(1)).await;
-    assert_no_plaintext(&results, &[api_key.clone()], "the results topic");
+    assert_no_plaintext(&results, std::slice::from_ref(&api_key), "the results topic");
     assert_no_plaintext(&events, &[api_key], "the events topic");
 }
 
@@ -354,6 +354,13 @@ async fn listing_table(url: &str) -> Vec<ListingRow> {
         .collect()
 }
 
+async fn outbox(db: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(db)
+        .await
+        .expect("count")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_projection() {
     let backing = Backing::postgres().await;
@@ -367,14 +374,28 @@ async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_proje
         Roles::parse("http,commands,projector").expect("roles"),
     )
     .await;
-    let mut relay = spawn_process(&url, &bus, "relay").await;
-    let load = generate_many(&app, 20, 15, 4);
-    let watch_and_kill = async {
-        let topic = bus.events_topic();
-        let _ = read_until(topic, |r| r.len() >= 30).await;
-        kill9(&mut relay).await;
-    };
-    tokio::join!(load, watch_and_kill);
+    // 300 events wait in the outbox; a relay publishing 5 at a time is killed as soon as
+    // it has taken some of them, with most still to go.
+    generate_many(&app, 20, 15, 4).await;
+    let mut small_batches = bus.clone();
+    small_batches.relay_batch = 5;
+    let mut db = PgConnection::connect(&url).await.expect("connect");
+    assert_eq!(outbox(&mut db).await, 300);
+    let mut relay = spawn_process(&url, &small_batches, "relay").await;
+    let mut left = 300;
+    for _ in 0..10_000 {
+        left = outbox(&mut db).await;
+        if left < 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    kill9(&mut relay).await;
+    let left_at_kill = outbox(&mut db).await;
+    assert!(
+        left < 300 && left_at_kill > 0,
+        "killed in the middle of publishing ({left_at_kill} left)"
+    );
     let mut relay = spawn_process(&url, &bus, "relay").await;
     let events = read_until(bus.events_topic(), |r| {
         let unique: BTreeSet<(String, u64)> = positions(r).into_iter().collect();
@@ -410,17 +431,31 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
     )
     .await;
     generate_many(&app, 20, 15, 4).await;
-    // Revoke and rotate some, so the replay has more than inserts.
-    let listing = app.list("acct-000").await;
-    let keys: Vec<String> = listing["keys"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|k| k["key_id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let _ = keys;
+    // Revoke, rotate and re-contact some, so the replay has more than inserts.
+    let mut ids = Vec::new();
+    for label in ["a", "b", "c"] {
+        let (status, body) = app.generate("extra", label, &["ops@agency.gov.sg"]).await;
+        assert_eq!(status, reqwest::StatusCode::CREATED);
+        ids.push(body["key_id"].as_str().expect("id").to_owned());
+    }
+    let base = "/v1/accounts/extra/keys";
+    let calls = [
+        (reqwest::Method::DELETE, format!("{base}/{}", ids[0]), None),
+        (
+            reqwest::Method::POST,
+            format!("{base}/{}/rotate", ids[1]),
+            Some(json!({"label": "b2"})),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{base}/{}/contacts", ids[2]),
+            Some(json!({"contacts": ["new@agency.gov.sg"]})),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let (status, answer) = app.call(method, &path, body).await;
+        assert!(status.is_success(), "{answer}");
+    }
     let mut projector = spawn_process(&url, &bus, "projector").await;
     wait_for("the projector to start applying", || async {
         let n = listing_table(&url).await.len();
@@ -429,8 +464,10 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
     .await;
     kill9(&mut projector).await;
     let partial = listing_table(&url).await.len();
+    assert!(partial < 303, "killed before it finished ({partial} rows)");
     let mut projector = spawn_process(&url, &bus, "projector").await;
-    let events = read_until(bus.events_topic(), |r| r.len() >= 300).await;
+    let events = read_until(bus.events_topic(), |r| r.len() >= 307).await;
+    assert_eq!(replay(&events).len(), 303);
     let expected = replay(&events);
     let mut last = Vec::new();
     for _ in 0..300 {
@@ -449,6 +486,6 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
         *m.entry(r.account_id.clone()).or_default() += 1;
         m
     });
-    assert_eq!(counts.len(), 20);
+    assert_eq!(counts.len(), 21);
     kill9(&mut projector).await;
 }
