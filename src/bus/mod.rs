@@ -45,6 +45,8 @@ pub struct BusConfig {
     pub max_command_bytes: usize,
     /// Most outbox rows the relay publishes per batch.
     pub relay_batch: i64,
+    /// Most records the projector applies per transaction.
+    pub projector_batch: usize,
 }
 
 impl BusConfig {
@@ -59,6 +61,7 @@ impl BusConfig {
             projector_group: "keyledger-projector".into(),
             max_command_bytes: 1024 * 1024,
             relay_batch: 1000,
+            projector_batch: 500,
         }
     }
 

@@ -18,9 +18,6 @@ use super::commands::{group_consumer, Positions, RebalanceFlag};
 use super::{BusConfig, BusError};
 use crate::store::{project_batch, Store, StoredRecord};
 
-/// Most records applied in one transaction.
-const BATCH: usize = 500;
-
 /// Turns an event envelope from the topic back into a stored record.
 pub fn record_of(envelope: EventEnvelope) -> Result<StoredRecord, serde_json::Error> {
     let tagged = serde_json::json!({ envelope.event_type.clone(): envelope.payload });
@@ -78,7 +75,7 @@ impl Projector {
             };
             // Gather what is already there, up to a batch.
             let mut messages = vec![first];
-            while messages.len() < BATCH {
+            while messages.len() < self.bus.projector_batch.max(1) {
                 match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
                     Ok(m) => messages.push(m?),
                     Err(_) => break,

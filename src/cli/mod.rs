@@ -156,6 +156,9 @@ pub struct ServeArgs {
     /// Most outbox rows the relay publishes per batch.
     #[arg(long, env = "KEYLEDGER_RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
+    /// Most records the projector applies per transaction.
+    #[arg(long, env = "KEYLEDGER_PROJECTOR_BATCH", default_value_t = 500)]
+    pub projector_batch: usize,
     /// Largest command envelope accepted from the bus, in bytes.
     #[arg(long, env = "KEYLEDGER_MAX_COMMAND_BYTES", default_value_t = 1024 * 1024)]
     pub max_command_bytes: usize,
@@ -191,6 +194,7 @@ impl ServeArgs {
                 bus.replication = self.kafka_replication.max(1);
                 bus.max_command_bytes = self.max_command_bytes;
                 bus.relay_batch = self.relay_batch;
+                bus.projector_batch = self.projector_batch;
                 bus.overrides = self
                     .kafka_options
                     .iter()

@@ -115,6 +115,7 @@ pub async fn spawn_process(database_url: &str, bus: &BusConfig, roles: &str) -> 
         .env("KEYLEDGER_KAFKA_PARTITIONS", bus.partitions.to_string())
         .env("KEYLEDGER_ROLES", roles)
         .env("KEYLEDGER_RELAY_BATCH", bus.relay_batch.to_string())
+        .env("KEYLEDGER_PROJECTOR_BATCH", bus.projector_batch.to_string())
         .env("KEYLEDGER_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "keyledger=info")
         .stdout(Stdio::null())
