@@ -79,7 +79,7 @@ impl Application {
                 if roles.relay {
                     let relay = Relay::new(
                         pool.clone(),
-                        bus.producer()?,
+                        bus.producer(5)?,
                         bus.events_topic(),
                         bus.relay_batch,
                     );
@@ -135,8 +135,8 @@ impl Application {
         ));
         if let (Some(bus), Some(pool), true) = (&settings.bus, store.pg_pool(), roles.commands) {
             let consumer =
-                CommandConsumer::new(bus.clone(), pool.clone(), handler.clone(), bus.producer()?);
-            tasks.push(tokio::spawn(consumer.run(stopped.clone())));
+                CommandConsumer::new(bus.clone(), pool.clone(), handler.clone(), bus.producer(0)?);
+            tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
         }
         let state = AppState {
             handler,

@@ -71,7 +71,7 @@ async fn raw_broker(bus: &BusConfig, n: usize) -> anyhow::Result<(f64, f64)> {
     );
     raw.ensure_topics().await?;
     let topic = raw.events_topic();
-    let producer = bus.producer()?;
+    let producer = bus.producer(2)?;
     let value = vec![b'x'; 500];
     let started = Instant::now();
     let sends: Vec<_> = (0..n)
@@ -141,7 +141,7 @@ async fn commands(
     pace: Option<Duration>,
     run: &str,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
-    let producer = s.bus.producer()?;
+    let producer = s.bus.producer(2)?;
     let reply = STANDARD.encode(
         crypto_box::SecretKey::generate(&mut rand::rngs::OsRng)
             .public_key()
@@ -196,7 +196,7 @@ async fn commands(
             let l: String = r.get("label");
             listed_at.entry(l).or_insert_with(Instant::now);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = listed_at
         .values()

@@ -9,7 +9,7 @@
 //! partition sought forward). Several instances share the work as one consumer group.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +19,12 @@ use keyledger_events::{
     Command, CommandEnvelope, CommandResult, CommandStatus, DeadLetter, ErrorBody,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use super::{offsets, seal, BusConfig, BusError};
 use crate::domain::AccountId;
@@ -32,6 +33,9 @@ use crate::keyring::KeyringError;
 
 /// How long without any record before partitions are checked for a stuck record.
 const IDLE: Duration = Duration::from_secs(3);
+
+/// Records queued per partition worker.
+const WORKER_QUEUE: usize = 256;
 
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
@@ -64,7 +68,7 @@ pub fn group_consumer(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", "100")
         // Records up to 64 MiB are fetched (a broker that does not return a record larger
         // than the fetch size would otherwise stall the partition on it); what exceeds the
         // command limit becomes a dead letter.
@@ -161,7 +165,7 @@ impl CommandConsumer {
         }
     }
 
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(200);
         while !*stop.borrow() {
             match self.consume(&mut stop).await {
@@ -179,39 +183,101 @@ impl CommandConsumer {
         tracing::info!("command consumer stopped");
     }
 
-    async fn consume(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+    /// Reads the topic and hands each record to the worker of its partition: partitions
+    /// are handled concurrently, each in order (an account's commands share a partition,
+    /// so they stay in order).
+    async fn consume(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.commands_topic();
         let consumer = group_consumer(&self.bus, &self.bus.commands_group, &topic)?;
         let mut positions = Positions::new(&self.bus.commands_group, &topic);
-        loop {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let mut workers: HashMap<i32, (mpsc::Sender<OwnedMessage>, JoinHandle<()>)> =
+            HashMap::new();
+        let result = loop {
             let message = tokio::select! {
                 m = tokio::time::timeout(IDLE, consumer.recv()) => match m {
-                    Ok(m) => m?,
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => break Err(BusError::Kafka(e)),
                     Err(_) => {
-                        self.unstick(&consumer, &mut positions, &topic).await?;
+                        if in_flight.load(Ordering::SeqCst) == 0 {
+                            if let Err(e) = self.unstick(&consumer, &mut positions, &topic).await {
+                                break Err(e);
+                            }
+                        }
                         continue;
                     }
                 },
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => break Ok(()),
             };
             let (partition, offset) = (message.partition(), message.offset());
-            if positions
+            match positions
                 .already_done(&self.pool, &consumer, partition, offset)
-                .await?
+                .await
             {
-                continue;
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
+            let owned = message.detach();
+            let queue = workers
+                .entry(partition)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                    let worker = tokio::spawn(self.clone().work(rx, in_flight.clone()));
+                    (tx, worker)
+                })
+                .0
+                .clone();
+            in_flight.fetch_add(1, Ordering::SeqCst);
+            if queue.send(owned).await.is_err() {
+                break Err(BusError::Topic(
+                    topic.clone(),
+                    "a partition worker stopped".into(),
+                ));
+            }
+        };
+        // Drain: close the queues and let the workers finish what they hold.
+        for (_, (queue, worker)) in workers {
+            drop(queue);
+            let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
+        }
+        result
+    }
+
+    /// One partition's worker: handles its records in order; a result is published and its
+    /// offset recorded before the next record, retried until both are done.
+    async fn work(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<OwnedMessage>,
+        in_flight: Arc<AtomicUsize>,
+    ) {
+        let topic = self.bus.commands_topic();
+        while let Some(message) = queue.recv().await {
             let reply = self.handle(&message).await;
-            self.publish(reply, &message).await?;
-            offsets::save(
-                &self.pool,
-                &self.bus.commands_group,
-                &topic,
-                partition,
-                offset + 1,
-            )
-            .await?;
-            positions.advance(partition, offset + 1);
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let done = match self.publish(&reply, &message).await {
+                    Ok(()) => offsets::save(
+                        &self.pool,
+                        &self.bus.commands_group,
+                        &topic,
+                        message.partition(),
+                        message.offset() + 1,
+                    )
+                    .await
+                    .map_err(BusError::from),
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, partition = message.partition(), offset = message.offset(), "cannot finish a command record yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            in_flight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -233,12 +299,8 @@ impl CommandConsumer {
             .map(|e| e.partition())
             .collect();
         for partition in partitions {
-            let next = match positions.next.get(&partition) {
-                Some(n) => *n,
-                None => {
-                    offsets::load(&self.pool, &self.bus.commands_group, topic, partition).await?
-                }
-            };
+            let next =
+                offsets::load(&self.pool, &self.bus.commands_group, topic, partition).await?;
             let (_, high) =
                 match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
                     Ok(w) => w,
@@ -297,7 +359,7 @@ impl CommandConsumer {
 
     /// Handles one message; retries while the store is unavailable (the message stays
     /// unacknowledged), so a database outage loses nothing.
-    async fn handle(&self, message: &BorrowedMessage<'_>) -> Reply {
+    async fn handle<M: Message>(&self, message: &M) -> Reply {
         let raw = message.payload().unwrap_or_default();
         let dead = |reason: String| {
             Reply::DeadLetter(DeadLetter {
@@ -393,7 +455,7 @@ impl CommandConsumer {
     }
 
     /// Publishes a result (keyed by command id) or a dead letter, and waits for the ack.
-    async fn publish(&self, reply: Reply, message: &BorrowedMessage<'_>) -> Result<(), BusError> {
+    async fn publish<M: Message>(&self, reply: &Reply, message: &M) -> Result<(), BusError> {
         let (topic, key, bytes) = match reply {
             Reply::Result(r) => {
                 tracing::info!(command_id = %r.command_id, status = ?r.status, code = r.error.as_ref().map(|e| e.code.as_str()), "command handled");

@@ -91,7 +91,7 @@ impl Follower {
             format!("keyledger-follower-{}", uuid::Uuid::new_v4()),
         )
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20");
+        .set("fetch.wait.max.ms", "100");
         let consumer: StreamConsumer = c.create()?;
         let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let partitions: Vec<i32> = metadata

@@ -97,11 +97,13 @@ impl BusConfig {
     }
 
     /// An idempotent producer (acks=all, ordered retries). Never transactional.
-    pub fn producer(&self) -> Result<FutureProducer, BusError> {
+    /// `linger_ms`: how long a record may wait to share a batch (latency against
+    /// throughput: 0 for answers someone waits on, a few ms for the relay's bulk).
+    pub fn producer(&self, linger_ms: u32) -> Result<FutureProducer, BusError> {
         let mut c = self.client_config();
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            .set("linger.ms", linger_ms.to_string())
             .set("message.timeout.ms", "30000")
             .set("message.max.bytes", "16777216");
         for (k, v) in &self.overrides {
