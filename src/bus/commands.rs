@@ -36,6 +36,8 @@ const IDLE: Duration = Duration::from_secs(3);
 
 /// Records queued per partition worker.
 const WORKER_QUEUE: usize = 256;
+/// Most records a partition worker answers and commits together.
+const WORKER_BATCH: usize = 100;
 
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
@@ -244,40 +246,88 @@ impl CommandConsumer {
         result
     }
 
-    /// One partition's worker: handles its records in order; a result is published and its
-    /// offset recorded before the next record, retried until both are done.
+    /// One partition's worker. It takes what is queued (up to [`WORKER_BATCH`] records),
+    /// handles them one by one in order, publishes their answers together, and records the
+    /// offset once for the batch — only when every answer was acknowledged (retried until
+    /// then), so a crash re-handles at most the batch and the command ids make that
+    /// harmless.
     async fn work(
         self: Arc<Self>,
         mut queue: mpsc::Receiver<OwnedMessage>,
         in_flight: Arc<AtomicUsize>,
     ) {
         let topic = self.bus.commands_topic();
-        while let Some(message) = queue.recv().await {
-            let reply = self.handle(&message).await;
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < WORKER_BATCH {
+                match queue.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            // Different accounts are handled concurrently, each account's commands in order.
+            let mut by_account: Vec<(&[u8], Vec<usize>)> = Vec::new();
+            for (i, m) in batch.iter().enumerate() {
+                let key = m.key().unwrap_or_default();
+                match by_account.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, idx)) => idx.push(i),
+                    None => by_account.push((key, vec![i])),
+                }
+            }
+            let handled = futures::future::join_all(by_account.into_iter().map(|(_, idx)| {
+                let this = &self;
+                let batch = &batch;
+                async move {
+                    let mut out = Vec::with_capacity(idx.len());
+                    for i in idx {
+                        out.push((i, this.handle(&batch[i]).await));
+                    }
+                    out
+                }
+            }))
+            .await;
+            let mut slots: Vec<Option<Reply>> = (0..batch.len()).map(|_| None).collect();
+            for (i, reply) in handled.into_iter().flatten() {
+                slots[i] = Some(reply);
+            }
+            let replies: Vec<Reply> = slots.into_iter().flatten().collect();
+            let mut unpublished: Vec<usize> = (0..batch.len()).collect();
             let mut backoff = Duration::from_millis(100);
             loop {
-                let done = match self.publish(&reply, &message).await {
-                    Ok(()) => offsets::save(
+                let sent = futures::future::join_all(
+                    unpublished
+                        .iter()
+                        .map(|&i| self.publish(&replies[i], &batch[i])),
+                )
+                .await;
+                unpublished = unpublished
+                    .into_iter()
+                    .zip(sent)
+                    .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+                    .map(|(i, e)| {
+                        tracing::warn!(error = %e, offset = batch[i].offset(), "answer not published yet; retrying");
+                        i
+                    })
+                    .collect();
+                if unpublished.is_empty() {
+                    let last = &batch[batch.len() - 1];
+                    match offsets::save(
                         &self.pool,
                         &self.bus.commands_group,
                         &topic,
-                        message.partition(),
-                        message.offset() + 1,
+                        last.partition(),
+                        last.offset() + 1,
                     )
                     .await
-                    .map_err(BusError::from),
-                    Err(e) => Err(e),
-                };
-                match done {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, partition = message.partition(), offset = message.offset(), "cannot finish a command record yet; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    {
+                        Ok(()) => break,
+                        Err(e) => tracing::warn!(error = %e, "offset not recorded yet; retrying"),
                     }
                 }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            in_flight.fetch_sub(1, Ordering::SeqCst);
+            in_flight.fetch_sub(batch.len(), Ordering::SeqCst);
         }
     }
 
