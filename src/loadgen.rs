@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
@@ -96,7 +95,7 @@ async fn raw_broker(bus: &BusConfig, n: usize) -> anyhow::Result<(f64, f64)> {
     }
     let produce_rate = n as f64 / started.elapsed().as_secs_f64();
     let consume_rate = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        let consumer = reader(&raw, &topic)?;
+        let consumer: BaseConsumer = raw.reader(&topic, &[])?;
         let started = Instant::now();
         let mut got = 0;
         while got < n && started.elapsed() < Duration::from_secs(120) {
@@ -109,27 +108,6 @@ async fn raw_broker(bus: &BusConfig, n: usize) -> anyhow::Result<(f64, f64)> {
     })
     .await??;
     Ok((produce_rate, consume_rate))
-}
-
-/// A bare consumer of every partition of `topic` from the beginning.
-pub fn reader(bus: &BusConfig, topic: &str) -> anyhow::Result<BaseConsumer> {
-    let mut c = bus.client_config();
-    c.set(
-        "group.id",
-        format!("keyledger-reader-{}", uuid::Uuid::new_v4()),
-    )
-    .set("enable.auto.commit", "false")
-    .set("fetch.wait.max.ms", "20");
-    let consumer: BaseConsumer = c.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
-    Ok(consumer)
 }
 
 /// Sends `n` GenerateKey commands, `pace` apart (none: as fast as possible); returns the

@@ -26,10 +26,11 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{offsets, seal, BusConfig, BusError};
+use super::{seal, supervise, BusConfig, BusError};
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
 use crate::keyring::KeyringError;
+use crate::store::offsets;
 
 /// How long without any record before partitions are checked for a stuck record.
 const IDLE: Duration = Duration::from_secs(3);
@@ -167,28 +168,18 @@ impl CommandConsumer {
         }
     }
 
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        while !*stop.borrow() {
-            match self.consume(&mut stop).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "command consumer interrupted; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tracing::info!("command consumer stopped");
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        supervise("command consumer", stop, |s| {
+            let this = self.clone();
+            async move { this.consume(s).await }
+        })
+        .await;
     }
 
     /// Reads the topic and hands each record to the worker of its partition: partitions
     /// are handled concurrently, each in order (an account's commands share a partition,
     /// so they stay in order).
-    async fn consume(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+    async fn consume(self: &Arc<Self>, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.commands_topic();
         let consumer = group_consumer(&self.bus, &self.bus.commands_group, &topic)?;
         let mut positions = Positions::new(&self.bus.commands_group, &topic);

@@ -6,17 +6,15 @@
 //! not in a group: every instance needs every event). Each event is folded in; what the
 //! index already has is skipped by its per-account sequence.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use keyledger_projections::VerificationIndex;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::projector::parse_event;
-use super::{BusConfig, BusError};
+use super::{supervise, BusConfig, BusError};
 use crate::read_side::ReadSide;
 use crate::store::{index_snapshot, Store};
 
@@ -56,7 +54,7 @@ pub async fn load_index(
 pub struct Follower {
     bus: BusConfig,
     read_side: Arc<ReadSide>,
-    from: Vec<(i32, i64)>,
+    from: Mutex<Vec<(i32, i64)>>,
 }
 
 impl Follower {
@@ -64,62 +62,30 @@ impl Follower {
         Self {
             bus,
             read_side,
-            from,
+            from: Mutex::new(from),
         }
     }
 
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        while !*stop.borrow() {
-            match self.follow(&mut stop).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "index follower interrupted; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
-            }
-        }
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        supervise("index follower", stop, |s| self.follow(s)).await;
     }
 
-    async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+    async fn follow(&self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.events_topic();
-        let mut c = self.bus.client_config();
-        c.set(
-            "group.id",
-            format!("keyledger-follower-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100");
-        let consumer: StreamConsumer = c.create()?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            let offset = self
-                .from
-                .iter()
-                .find(|(q, _)| *q == p)
-                .map(|(_, o)| Offset::Offset(*o))
-                .unwrap_or(Offset::Beginning);
-            tpl.add_partition_offset(&topic, p, offset)?;
-        }
-        consumer.assign(&tpl)?;
+        let from = self.from.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let consumer: StreamConsumer = self.bus.reader(&topic, &from)?;
         loop {
             let m = tokio::select! {
                 m = consumer.recv() => m?,
                 _ = stop.changed() => return Ok(()),
             };
-            // Resume from here if the connection is re-established.
-            if let Some(entry) = self.from.iter_mut().find(|(p, _)| *p == m.partition()) {
-                entry.1 = m.offset() + 1;
-            } else {
-                self.from.push((m.partition(), m.offset() + 1));
+            // Resume from here if the connection has to be re-established.
+            {
+                let mut from = self.from.lock().unwrap_or_else(|p| p.into_inner());
+                match from.iter_mut().find(|(p, _)| *p == m.partition()) {
+                    Some(entry) => entry.1 = m.offset() + 1,
+                    None => from.push((m.partition(), m.offset() + 1)),
+                }
             }
             match parse_event(m.payload().unwrap_or_default()) {
                 Ok(r) => self

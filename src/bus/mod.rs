@@ -14,18 +14,22 @@
 pub mod chain;
 pub mod commands;
 pub mod follower;
-pub mod offsets;
 pub mod projector;
 pub mod relay;
 pub mod seal;
 
+use std::future::Future;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::FromClientConfig;
+use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Kafka settings.
 #[derive(Debug, Clone)]
@@ -112,6 +116,40 @@ impl BusConfig {
         Ok(c.create()?)
     }
 
+    /// A consumer outside any group, assigned every partition of `topic` from the offsets
+    /// in `from` (partition, next offset), or from the beginning where none is given.
+    pub fn reader<C: FromClientConfig + Consumer>(
+        &self,
+        topic: &str,
+        from: &[(i32, i64)],
+    ) -> Result<C, BusError> {
+        let mut c = self.client_config();
+        c.set(
+            "group.id",
+            format!("keyledger-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100");
+        for (k, v) in &self.overrides {
+            c.set(k, v);
+        }
+        let consumer: C = c.create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let offset = from
+                    .iter()
+                    .find(|(q, _)| *q == p.id())
+                    .map(|(_, o)| Offset::Offset(*o))
+                    .unwrap_or(Offset::Beginning);
+                tpl.add_partition_offset(topic, p.id(), offset)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    }
+
     /// Creates keyledger's topics when missing.
     pub async fn ensure_topics(&self) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
@@ -135,6 +173,31 @@ impl BusConfig {
         }
         Ok(())
     }
+}
+
+/// Runs `attempt` until it ends cleanly or `stop` turns true; a failed attempt (broker or
+/// database away) is logged and retried with back-off (100 ms doubling to 5 s), so the
+/// service keeps running through outages.
+pub(crate) async fn supervise<F, Fut>(part: &str, mut stop: watch::Receiver<bool>, mut attempt: F)
+where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = Result<(), BusError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while !*stop.borrow() {
+        match attempt(stop.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(part, error = %e, "interrupted; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(part, "stopped");
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use super::commands::{group_consumer, Positions, RebalanceFlag};
-use super::{BusConfig, BusError};
+use super::{supervise, BusConfig, BusError};
 use crate::store::{project_batch, Store, StoredRecord};
 
 /// Turns an event envelope from the topic back into a stored record.
@@ -45,25 +45,11 @@ impl Projector {
         Self { bus, store, pool }
     }
 
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        while !*stop.borrow() {
-            match self.consume(&mut stop).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "projector interrupted; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tracing::info!("projector stopped");
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        supervise("projector", stop, |s| self.consume(s)).await;
     }
 
-    async fn consume(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+    async fn consume(&self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.events_topic();
         let group = self.bus.projector_group.clone();
         let consumer: StreamConsumer<RebalanceFlag> = group_consumer(&self.bus, &group, &topic)?;

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::chain;
-use super::BusError;
+use super::{supervise, BusError};
 
 /// The advisory lock that makes one relay the publisher.
 const RELAY_LOCK: i64 = 0x6b6c_7265_6c61; // "klrela"
@@ -64,26 +64,12 @@ impl Relay {
     }
 
     /// Runs until `stop` turns true; finishes the batch in hand first.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        while !*stop.borrow() {
-            match self.lead(&mut stop).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay interrupted; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tracing::info!("relay stopped");
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        supervise("relay", stop, |s| self.lead(s)).await;
     }
 
     /// Takes the lead (the advisory lock) and publishes until stopped.
-    async fn lead(&self, stop: &mut watch::Receiver<bool>) -> Result<(), BusError> {
+    async fn lead(&self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let mut lock = self.pool.acquire().await?;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")

@@ -5,6 +5,7 @@
 //! checkpoint) is written here by hand, once per database, behind one [`Store`] type so the
 //! rest of the service does not care which database it runs on.
 
+pub mod offsets;
 mod postgres;
 mod sqlite;
 
@@ -315,16 +316,7 @@ pub async fn project_batch(
         }
     }
     for (partition, next) in next_offsets {
-        sqlx::query(
-            "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset)",
-        )
-        .bind(consumer)
-        .bind(topic)
-        .bind(partition)
-        .bind(next)
-        .execute(&mut *tx)
-        .await?;
+        offsets::save(&mut *tx, consumer, topic, *partition, *next).await?;
     }
     tx.commit().await?;
     Ok(())

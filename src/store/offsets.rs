@@ -1,10 +1,12 @@
-//! Consumer offsets in PostgreSQL: the next offset to read, per consumer and partition.
+//! Consumer offsets in PostgreSQL: the next offset to read, per consumer and partition,
+//! written in the same transaction as the effect of the records before it wherever the
+//! caller has one.
 
-use sqlx::PgPool;
+use sqlx::PgExecutor;
 
 /// The next offset `consumer` should read on `topic`/`partition` (0 when none is stored).
-pub async fn load(
-    pool: &PgPool,
+pub async fn load<'e>(
+    db: impl PgExecutor<'e>,
     consumer: &str,
     topic: &str,
     partition: i32,
@@ -15,14 +17,14 @@ pub async fn load(
     .bind(consumer)
     .bind(topic)
     .bind(partition)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(next.unwrap_or(0))
 }
 
-/// Records that everything before `next` on `topic`/`partition` is done.
-pub async fn save(
-    pool: &PgPool,
+/// Records that everything before `next` on `topic`/`partition` is done (never moves back).
+pub async fn save<'e>(
+    db: impl PgExecutor<'e>,
     consumer: &str,
     topic: &str,
     partition: i32,
@@ -30,13 +32,14 @@ pub async fn save(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset)",
+         ON CONFLICT (consumer, topic, partition) DO UPDATE \
+         SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset)",
     )
     .bind(consumer)
     .bind(topic)
     .bind(partition)
     .bind(next)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
