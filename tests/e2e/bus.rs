@@ -358,6 +358,19 @@ async fn listing_table(url: &str) -> Vec<ListingRow> {
         .collect()
 }
 
+/// The listing table once it equals `expected`, or as it is after 30 s.
+async fn listing_once_caught_up(url: &str, expected: &[ListingRow]) -> Vec<ListingRow> {
+    let mut last = Vec::new();
+    for _ in 0..300 {
+        last = listing_table(url).await;
+        if last == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 async fn listed(db: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM key_listing")
         .fetch_one(db)
@@ -416,14 +429,7 @@ async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_proje
     assert_ordered(&events, 15, true);
     let expected = replay(&events);
     assert_eq!(expected.len(), 300);
-    let mut last = Vec::new();
-    for _ in 0..300 {
-        last = listing_table(&url).await;
-        if last == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = listing_once_caught_up(&url, &expected).await;
     assert_eq!(last, expected, "the listing equals a replay of the topic");
     kill9(&mut relay).await;
 }
@@ -491,14 +497,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
     let mut projector = spawn_process(&url, &bus, "projector").await;
     assert_eq!(replay(&events).len(), 303);
     let expected = replay(&events);
-    let mut last = Vec::new();
-    for _ in 0..300 {
-        last = listing_table(&url).await;
-        if last == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = listing_once_caught_up(&url, &expected).await;
     assert_eq!(
         last, expected,
         "the listing equals a fresh replay (killed after {partial} rows)"
