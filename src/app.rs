@@ -58,7 +58,10 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Arc::new(open_store(&settings).await?);
         let hasher = KeyHasher::new(settings.pepper.expose().as_bytes());
-        let read_side = Arc::new(ReadSide::new(hasher.clone(), settings.default_from.clone()));
+        let read_side = Arc::new(
+            ReadSide::new(hasher.clone(), settings.default_from.clone())
+                .with_legacy_salt(settings.legacy_salt.clone()),
+        );
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let roles = settings.roles;

@@ -39,6 +39,8 @@ pub struct Settings {
     pub default_from: Option<String>,
     pub clock: Arc<dyn Clock>,
     pub max_db_connections: u32,
+    /// Postman's fixed bcrypt salt, to verify migrated legacy keys.
+    pub legacy_salt: Option<String>,
     /// The Kafka bus, when configured.
     pub bus: Option<BusConfig>,
     /// The parts this process runs.
@@ -123,6 +125,8 @@ pub enum ConfigError {
         "the Kafka bus needs PostgreSQL: set KEYLEDGER_DATABASE_URL with KEYLEDGER_KAFKA_BROKERS"
     )]
     BusWithoutPostgres,
+    #[error("KEYLEDGER_LEGACY_SALT must be a bcrypt salt: '$2b$' (or $2a$, $2y$), two cost digits, '$', 22 characters of [./A-Za-z0-9]")]
+    BadLegacySalt,
     #[error("cannot use the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -142,6 +146,7 @@ pub struct Inputs {
     pub policy: Policy,
     pub default_from: Option<String>,
     pub max_db_connections: u32,
+    pub legacy_salt: Option<String>,
     pub bus: Option<BusConfig>,
     pub roles: Roles,
 }
@@ -167,6 +172,11 @@ impl Settings {
     /// Resolves the inputs: embedded secrets are read from, or generated into, the data
     /// directory. Returns the settings and, for embedded mode, where the token is.
     pub fn resolve(inputs: Inputs) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        if let Some(salt) = &inputs.legacy_salt {
+            if !is_bcrypt_salt(salt) {
+                return Err(ConfigError::BadLegacySalt);
+            }
+        }
         if inputs.bus.is_some() && inputs.database_url.is_none() {
             return Err(ConfigError::BusWithoutPostgres);
         }
@@ -225,11 +235,25 @@ impl Settings {
             default_from: inputs.default_from,
             clock: Arc::new(SystemClock),
             max_db_connections: inputs.max_db_connections.max(1),
+            legacy_salt: inputs.legacy_salt,
             bus: inputs.bus,
             roles: inputs.roles,
         };
         Ok((settings, token_path))
     }
+}
+
+/// `$2b$10$` and 22 characters of bcrypt's base64 alphabet.
+fn is_bcrypt_salt(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 29
+        && (s.starts_with("$2a$") || s.starts_with("$2b$") || s.starts_with("$2y$"))
+        && b[4].is_ascii_digit()
+        && b[5].is_ascii_digit()
+        && b[6] == b'$'
+        && b[7..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
 }
 
 /// Reads a secret file, or creates it (mode 0600) with `bytes` random bytes, base64url.
@@ -287,6 +311,23 @@ mod tests {
         assert!(matches!(
             Settings::resolve(inputs),
             Err(ConfigError::MissingToken)
+        ));
+    }
+
+    #[test]
+    fn the_legacy_salt_must_be_a_bcrypt_salt() {
+        assert!(is_bcrypt_salt("$2b$10$abcdefghijklmnopqrstuv"));
+        assert!(!is_bcrypt_salt("$2b$10$short"));
+        assert!(!is_bcrypt_salt("$3b$10$abcdefghijklmnopqrstuv"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inputs = Inputs {
+            data_dir: dir.path().to_path_buf(),
+            legacy_salt: Some("salt".into()),
+            ..Inputs::default()
+        };
+        assert!(matches!(
+            Settings::resolve(inputs),
+            Err(ConfigError::BadLegacySalt)
         ));
     }
 

@@ -71,6 +71,8 @@ pub struct ReadSide {
     index: RwLock<VerificationIndex>,
     hasher: KeyHasher,
     default_from: Option<String>,
+    /// Postman's fixed bcrypt salt (`$2b$10$` + 22 characters), for legacy keys.
+    legacy_salt: Option<String>,
     /// Whether this process writes the listing table after each commit (no bus), or
     /// leaves it to the projector (bus on).
     listing_in_process: std::sync::atomic::AtomicBool,
@@ -83,6 +85,7 @@ impl ReadSide {
             index: RwLock::new(VerificationIndex::new()),
             hasher,
             default_from,
+            legacy_salt: None,
             listing_in_process: true.into(),
         }
     }
@@ -97,8 +100,52 @@ impl ReadSide {
             index: RwLock::new(index),
             hasher,
             default_from,
+            legacy_salt: None,
             listing_in_process: true.into(),
         }
+    }
+
+    /// Enables the legacy slow path with Postman's fixed bcrypt salt.
+    pub fn with_legacy_salt(mut self, salt: Option<String>) -> Self {
+        self.legacy_salt = salt;
+        self
+    }
+
+    /// Whether `presented` is unknown to the fast path but could be a migrated legacy key
+    /// (same username) — then [`ReadSide::verify_legacy`] decides, off the async threads.
+    pub fn needs_legacy_check(&self, presented: &str) -> bool {
+        let Ok(key) = PresentedKey::parse(presented) else {
+            return false;
+        };
+        self.legacy_salt.is_some() && !self.index().legacy_candidates(key.username()).is_empty()
+    }
+
+    /// The slow path for migrated legacy keys: bcrypt of the secret part under the fixed
+    /// legacy salt, compared with each candidate of that username (Postman's scheme, tens
+    /// of milliseconds). A match is linked into the fast path for next time (in memory
+    /// only: the BLAKE3 hash, never the key).
+    pub fn verify_legacy(
+        &self,
+        presented: &str,
+        from: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> VerifyOutcome {
+        let Ok(key) = PresentedKey::parse(presented) else {
+            return Err(Rejection::Malformed);
+        };
+        let Some(salt) = self.legacy_salt.as_deref() else {
+            return Err(Rejection::Unknown);
+        };
+        let candidates = self.index().legacy_candidates(key.username()).to_vec();
+        for candidate in candidates {
+            let tail = candidate.legacy_hash.rsplit('_').next().unwrap_or_default();
+            if bcrypt::verify(key.secret(), &format!("{salt}{tail}")).unwrap_or(false) {
+                let hash = self.hasher.hash(key.as_str());
+                self.index_mut().link_legacy(&hash, &candidate);
+                return self.verify(presented, from, now);
+            }
+        }
+        Err(Rejection::Unknown)
     }
 
     /// Leaves the listing table to the projector (the bus is on).

@@ -394,6 +394,16 @@ impl VerificationIndex {
         self.legacy.get(username).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Makes a legacy key findable by the keyed-BLAKE3 hash of its plaintext, once the slow
+    /// path has matched it, so its next verifications take the fast path.
+    pub fn link_legacy(&mut self, hash: &[u8; 32], candidate: &LegacyCandidate) {
+        let (prefix, tail) = split(hash);
+        if let Some(entry) = self.entries.get_mut(candidate.entry as usize) {
+            entry.hash_tail = tail;
+            self.by_prefix.insert(prefix, candidate.entry);
+        }
+    }
+
     /// Judges a legacy candidate that the slow path matched.
     pub fn judge_legacy(&self, candidate: &LegacyCandidate, now: DateTime<Utc>) -> Lookup<'_> {
         self.judge(candidate.entry, micros(now))

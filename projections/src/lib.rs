@@ -9,5 +9,5 @@
 mod index;
 mod listing;
 
-pub use index::{IndexStats, Lookup, VerificationIndex, Verified};
+pub use index::{IndexStats, LegacyCandidate, Lookup, VerificationIndex, Verified};
 pub use listing::{listing_change, KeyStatus, Listing, ListingChange, ListingRow};

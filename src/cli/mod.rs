@@ -120,6 +120,10 @@ pub struct ServeArgs {
         default_value_t = 86_400
     )]
     pub rotation_grace_seconds: i64,
+    /// Postman's fixed bcrypt salt (`$2b$10$…`, 29 characters): lets migrated legacy keys
+    /// verify through Postman's scheme until their expiry.
+    #[arg(long, env = "KEYLEDGER_LEGACY_SALT", hide_env_values = true)]
+    pub legacy_salt: Option<String>,
     /// Fixed expiry of migrated legacy keys (RFC 3339).
     #[arg(
         long,
@@ -187,6 +191,7 @@ impl ServeArgs {
             },
             default_from: self.default_from.clone(),
             max_db_connections: self.db_connections,
+            legacy_salt: self.legacy_salt.clone(),
             bus: self.kafka_brokers.as_ref().map(|brokers| {
                 let mut bus = BusConfig::new(brokers.clone());
                 bus.topic_prefix = self.topic_prefix.clone();

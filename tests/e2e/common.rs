@@ -137,6 +137,7 @@ pub fn settings_with(
         policy,
         default_from: Some("donotreply@mail.postman.gov.sg".into()),
         max_db_connections: 8,
+        legacy_salt: None,
         bus,
         roles,
     };

@@ -264,3 +264,81 @@ async fn a_key_past_its_expiry_fails_at_once() {
     let (_, listing) = crate::common::read(resp).await;
     assert_eq!(listing["keys"][0]["status"], json!("expired"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_legacy_key_verifies_by_postmans_scheme_until_its_cutoff() {
+    use base64::Engine;
+    use rand::RngCore;
+    // A legacy key made the way Postman made them: bcrypt of the secret part under the
+    // server-wide salt, stored as `{username}_v1_{hash without the salt}`.
+    let mut raw = [0u8; 33];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let secret = base64::engine::general_purpose::STANDARD.encode(raw);
+    let plaintext = format!("marylim_v1_{secret}");
+    let full = bcrypt::hash_with_result(&secret, 10)
+        .expect("bcrypt")
+        .format_for_version(bcrypt::Version::TwoB);
+    let (salt, tail) = full.split_at(29);
+
+    let backing = Backing::postgres().await;
+    let now = chrono::Utc::now();
+    let policy = keyledger::domain::Policy {
+        legacy_expiry: now + chrono::Duration::days(30),
+        ..keyledger::domain::Policy::default()
+    };
+    let clock = std::sync::Arc::new(keyledger::domain::ManualClock::new(now));
+    let mut settings = crate::common::settings(&backing, policy);
+    settings.clock = clock.clone();
+    settings.legacy_salt = Some(salt.to_owned());
+    let app = keyledger::app::Application::build(settings)
+        .await
+        .expect("builds");
+    let addr = app.local_addr().expect("addr");
+    tokio::spawn(app.run_until(std::future::pending()));
+    let http = reqwest::Client::new();
+    let call = |path: &str, body: Value| {
+        http.post(format!("http://{addr}{path}"))
+            .bearer_auth(crate::common::TOKEN)
+            .json(&body)
+            .send()
+    };
+    let migrated = call(
+        "/v1/accounts/legacy-acc/legacy-key",
+        json!({"login_email": "mary.lim@agency.gov.sg", "legacy_hash": format!("marylim_v1_{tail}")}),
+    )
+    .await
+    .expect("sent");
+    let (status, migrated) = crate::common::read(migrated).await;
+    assert_eq!(status, StatusCode::CREATED, "{migrated}");
+
+    let verify = |key: String| {
+        let call = &call;
+        async move {
+            let resp = call(
+                "/v1/verify",
+                json!({"api_key": key, "from": "mary.lim@agency.gov.sg"}),
+            )
+            .await
+            .expect("sent");
+            crate::common::read(resp).await.1
+        }
+    };
+    let v = verify(plaintext.clone()).await;
+    assert_eq!(v["valid"], true, "through the bcrypt slow path: {v}");
+    assert_eq!(v["key_id"], migrated["key_id"]);
+    assert_eq!(v["label"], "default");
+    assert_eq!(v["from_allowed"], true);
+    assert_eq!(
+        verify(plaintext.clone()).await["valid"],
+        true,
+        "then through the fast path"
+    );
+    let wrong = format!("marylim_v1_{}", "B".repeat(44));
+    assert_eq!(verify(wrong).await["code"], "unknown");
+    clock.advance(chrono::Duration::days(31));
+    assert_eq!(
+        verify(plaintext).await["code"],
+        "expired",
+        "not after the cut-off"
+    );
+}
