@@ -16,6 +16,17 @@ async fn main() -> ExitCode {
         Commands::Serve(args) => serve(args).await,
         Commands::Migrate(args) => migrate(args).await,
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
+        Commands::MigrateLegacy {
+            client,
+            input,
+            dry_run,
+            concurrency,
+            json,
+        } => match keyledger::cli::legacy::run(&client, &input, dry_run, concurrency, json).await {
+            Ok(report) if !report.rejected.is_empty() => return ExitCode::from(3),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        },
         Commands::Bench {
             what: BenchWhat::Commands(a),
         } => {

@@ -9,14 +9,14 @@ use serde_json::{json, Value};
 use super::{ClientArgs, KeysAction};
 use crate::config::DataFiles;
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl Client {
-    fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(args: &ClientArgs) -> anyhow::Result<Self> {
         let token = match &args.token {
             Some(t) => t.clone(),
             None => {
@@ -44,10 +44,24 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<(StatusCode, Value)> {
+        self.call_with_id(method, path, body, None).await
+    }
+
+    /// Calls the API; `command_id`, when given, is sent as the `Idempotency-Key`.
+    pub(crate) async fn call_with_id(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        command_id: Option<uuid::Uuid>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(&self.token);
+        if let Some(id) = command_id {
+            req = req.header("idempotency-key", id.to_string());
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -66,7 +80,7 @@ impl Client {
     }
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

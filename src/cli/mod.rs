@@ -2,6 +2,7 @@
 //! there is one writer path.
 
 mod client;
+pub mod legacy;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,23 @@ pub enum Commands {
     Migrate(StorageArgs),
     /// Manage keys through a running server's HTTP API.
     Keys(KeysArgs),
+    /// Migrate every legacy key of an export (CSV or JSON lines) through a running server.
+    MigrateLegacy {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// CSV `account_id,login_email,legacy_hash[,created_at]` (header optional) or JSON lines.
+        #[arg(long)]
+        input: PathBuf,
+        /// Validate every row; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
     Bench {
         #[command(subcommand)]

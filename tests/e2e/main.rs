@@ -9,4 +9,5 @@ mod bus;
 mod cli;
 mod concurrency;
 mod kafka;
+mod legacy;
 mod lifecycle;
