@@ -7,6 +7,7 @@
 //! and the verification index). See `docs/ARCHITECTURE.md`.
 
 pub mod app;
+pub mod audit;
 pub mod bus;
 pub mod cli;
 pub mod config;

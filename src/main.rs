@@ -16,6 +16,11 @@ async fn main() -> ExitCode {
         Commands::Serve(args) => serve(args).await,
         Commands::Migrate(args) => migrate(args).await,
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
+        Commands::Audit(args) => match audit(args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Commands::MigrateLegacy {
             client,
             input,
@@ -74,6 +79,62 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     app.run_until(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Runs an audit; prints the report; returns whether it passed.
+async fn audit(args: keyledger::cli::AuditArgs) -> anyhow::Result<bool> {
+    use keyledger::audit::{conclude, from_kafka, from_store, human, AuditOptions};
+    use keyledger::cli::AuditSource;
+    use keyledger::store::Store;
+    let opts = AuditOptions {
+        account: args.account.clone(),
+        until: args.until,
+        validity_months: args.key_validity_months,
+        print_listing: args.print_listing,
+    };
+    // The live store (never migrated by an audit), when one is reachable.
+    let store = match (&args.storage.database_url, args.from) {
+        (Some(url), _) => Some(Store::connect_postgres(url, 4).await?),
+        (None, AuditSource::Store) => {
+            let path = keyledger::config::DataFiles::in_dir(&args.storage.data_dir).database;
+            anyhow::ensure!(
+                path.exists(),
+                "no event store at {} (set KEYLEDGER_DATABASE_URL or --data-dir)",
+                path.display()
+            );
+            Some(Store::open_sqlite(&path).await?)
+        }
+        (None, AuditSource::Kafka) => None,
+    };
+    let started = std::time::Instant::now();
+    let (auditor, source) = match args.from {
+        AuditSource::Store => {
+            let store = store
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no event store"))?;
+            (from_store(store, opts).await?, "store".to_owned())
+        }
+        AuditSource::Kafka => {
+            let brokers = args
+                .kafka_brokers
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--from kafka needs KEYLEDGER_KAFKA_BROKERS"))?;
+            let mut bus = BusConfig::new(brokers);
+            bus.topic_prefix = args.topic_prefix.clone();
+            let source = format!("kafka ({})", bus.events_topic());
+            (
+                tokio::task::spawn_blocking(move || from_kafka(&bus, opts)).await??,
+                source,
+            )
+        }
+    };
+    let report = conclude(auditor, &source, started, store.as_ref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", human(&report));
+    }
+    Ok(report.passed)
 }
 
 async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {

@@ -66,11 +66,50 @@ pub enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Replay the whole log and prove what happened to every key (exit 1 on any failure).
+    Audit(AuditArgs),
     /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AuditSource {
+    /// The events topic, read from the beginning outside any consumer group.
+    Kafka,
+    /// The event store (PostgreSQL, or the embedded SQLite file).
+    Store,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Where to read the log from.
+    #[arg(long, value_enum, default_value = "store")]
+    pub from: AuditSource,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Kafka bootstrap servers (for `--from kafka`).
+    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
+    pub topic_prefix: String,
+    /// Audit one account only.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Replay up to this instant (RFC 3339): the state as of then (not compared with live).
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Include the rebuilt listing in the JSON report.
+    #[arg(long)]
+    pub print_listing: bool,
+    /// The configured key validity, for the expiry invariant.
+    #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6)]
+    pub key_validity_months: u32,
 }
 
 #[derive(Debug, Subcommand)]

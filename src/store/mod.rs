@@ -219,8 +219,8 @@ impl Store {
     /// The listing rows of one account, oldest first.
     pub async fn listing_of(&self, account_id: &str) -> Result<Vec<ListingRow>, StoreError> {
         match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::listing_of(pool, account_id, None).await,
-            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, account_id, None).await,
+            Backend::Postgres { pool, .. } => postgres::listing_of(pool, Some(account_id)).await,
+            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, Some(account_id)).await,
         }
     }
 }
@@ -271,6 +271,49 @@ impl Store {
 pub use postgres::{IndexRow, IndexSnapshot};
 
 impl Store {
+    /// Every listing row, ordered by account, creation time, key id.
+    pub async fn listing_all(&self) -> Result<Vec<ListingRow>, StoreError> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => postgres::listing_of(pool, None).await,
+            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, None).await,
+        }
+    }
+
+    /// The chain values the relay recorded for these (account, sequence) pairs (PostgreSQL
+    /// with the bus; empty otherwise).
+    pub async fn recorded_chains(
+        &self,
+        keys: &[(String, u64)],
+    ) -> Result<HashMap<(String, u64), String>, StoreError> {
+        let Backend::Postgres { pool, .. } = &self.backend else {
+            return Ok(HashMap::new());
+        };
+        let accounts: Vec<&str> = keys.iter().map(|(a, _)| a.as_str()).collect();
+        let sequences: Vec<i64> = keys.iter().map(|(_, s)| *s as i64).collect();
+        let rows = sqlx::query(
+            "SELECT c.account_id, c.sequence, c.chain FROM event_chain c \
+             JOIN unnest($1::text[], $2::bigint[]) AS k(account_id, sequence) \
+             ON c.account_id = k.account_id AND c.sequence = k.sequence",
+        )
+        .bind(&accounts)
+        .bind(&sequences)
+        .fetch_all(pool)
+        .await?;
+        use sqlx::Row;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r.get::<String, _>("account_id"),
+                        r.get::<i64, _>("sequence").max(0) as u64,
+                    ),
+                    r.get("chain"),
+                )
+            })
+            .collect())
+    }
+
     /// The PostgreSQL pool (the bus runs on PostgreSQL only).
     pub fn pg_pool(&self) -> Option<&PgPool> {
         match &self.backend {

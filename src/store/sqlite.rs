@@ -169,15 +169,13 @@ pub(super) async fn listing_checkpoints(
 
 pub(super) async fn listing_of(
     pool: &SqlitePool,
-    account_id: &str,
-    key_id: Option<Uuid>,
+    account_id: Option<&str>,
 ) -> Result<Vec<ListingRow>, StoreError> {
     let rows = sqlx::query(
         "SELECT account_id, key_id, label, last_five, contacts, created_at, expires_at, status FROM key_listing \
-         WHERE account_id = $1 AND ($2 IS NULL OR key_id = $2) ORDER BY created_at, key_id",
+         WHERE ($1 IS NULL OR account_id = $1) ORDER BY account_id, created_at, key_id",
     )
     .bind(account_id)
-    .bind(key_id.map(|k| k.to_string()))
     .fetch_all(pool)
     .await?;
     rows.iter()
