@@ -20,7 +20,6 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::bus::{chain, projector::record_of, BusConfig};
-use crate::domain::PresentedKey;
 use crate::store::{index_snapshot, Store, REPLAY_PAGE};
 
 /// One thing found wrong.
@@ -113,6 +112,16 @@ impl Auditor {
             sequence,
             message,
         });
+    }
+
+    /// Events folded and findings so far.
+    pub fn summary(&self) -> (u64, usize) {
+        (self.events, self.findings.len())
+    }
+
+    /// The first `n` findings.
+    pub fn first_findings(&self, n: usize) -> &[Finding] {
+        &self.findings[..n.min(self.findings.len())]
     }
 
     /// Whether this event is in scope (`--account`, `--until`).
@@ -292,23 +301,8 @@ impl Auditor {
     }
 
     fn check_secrets(&mut self, account: &str, seq: u64, event: &KeyringEvent) {
-        fn walk(v: &serde_json::Value, hit: &mut bool) {
-            match v {
-                serde_json::Value::String(s)
-                    if s
-                        .split(|c: char| c.is_whitespace() || c == '"')
-                        .any(|w| PresentedKey::parse(w).is_ok()) =>
-                {
-                    *hit = true;
-                }
-                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, hit)),
-                serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, hit)),
-                _ => {}
-            }
-        }
-        let mut hit = false;
-        walk(&event.payload(), &mut hit);
-        if hit {
+        let bytes = serde_json::to_vec(event).unwrap_or_default();
+        if contains_plaintext_key(&bytes) {
             self.find(
                 "secrets",
                 account,
@@ -354,6 +348,25 @@ impl Auditor {
         report.index_digest = digest(index.iter().cloned());
         (rows, index)
     }
+}
+
+/// Whether `bytes` hold something shaped like a key: 1–64 ASCII letters or digits, `_v1_`,
+/// then 44 characters of standard base64. A byte scan, so it is cheap on every event.
+pub fn contains_plaintext_key(bytes: &[u8]) -> bool {
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+    let mut from = 0;
+    while let Some(at) = bytes[from..].windows(4).position(|w| w == b"_v1_") {
+        let start = from + at;
+        let has_user = start > 0 && bytes[start - 1].is_ascii_alphanumeric();
+        let secret = &bytes[start + 4..];
+        let long_enough = secret.len() >= 44 && secret[..44].iter().all(|c| b64(*c));
+        let ends_there = secret.get(44).is_none_or(|c| !b64(*c));
+        if has_user && long_enough && ends_there {
+            return true;
+        }
+        from = start + 4;
+    }
+    false
 }
 
 fn row_line(r: &ListingRow) -> String {

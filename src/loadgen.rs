@@ -240,3 +240,128 @@ pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `keyledger bench audit`: `audit --from kafka` next to a bare consumer of the same topic.
+///
+/// Writes `events` synthetic but valid events (KeyGenerated, 20 keys per account, each
+/// envelope with its real chain value) to a fresh events topic, then times (1) a bare
+/// consumer reading every record and (2) the auditor replaying the topic with every check.
+pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
+    use keyledger_events::{
+        EventEnvelope, KeyGenerated, KeyringEvent, EVENT_VERSION, HASH_SCHEME_BLAKE3,
+    };
+    let mut bus = BusConfig::new(brokers);
+    bus.topic_prefix = format!(
+        "bench-audit-{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    bus.ensure_topics().await?;
+    let topic = bus.events_topic();
+    let producer = bus.producer(20)?;
+    let hasher = crate::domain::KeyHasher::new(b"bench-audit pepper bench-audit pepper");
+    let now = chrono::Utc::now();
+    eprintln!("writing {events} events to {topic}…");
+    let started = Instant::now();
+    let mut chain_head = crate::bus::chain::GENESIS;
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..events {
+        let (account, sequence) = (format!("acct-{:06}", i / 20), (i % 20 + 1) as u64);
+        if sequence == 1 {
+            chain_head = crate::bus::chain::GENESIS;
+        }
+        let key_id = uuid::Uuid::now_v7();
+        let event = KeyringEvent::KeyGenerated(KeyGenerated {
+            command_id: key_id,
+            key_id,
+            label: format!("key {sequence}"),
+            last_five: "abcde".into(),
+            key_hash: hasher.hash_hex(&format!("bench{i}")),
+            hash_scheme: HASH_SCHEME_BLAKE3.into(),
+            contacts: vec!["ops@agency.gov.sg".into()],
+            login_email: "bench@agency.gov.sg".into(),
+            created_at: now,
+            expires_at: now + chrono::Duration::days(180),
+            rotated_from: None,
+        });
+        chain_head = crate::bus::chain::next(&chain_head, &account, sequence, &event);
+        let envelope = EventEnvelope {
+            event_id: crate::bus::relay::event_id(&account, sequence),
+            account_id: account.clone(),
+            sequence,
+            event_type: event.event_type().to_owned(),
+            event_version: EVENT_VERSION.to_owned(),
+            occurred_at: event.occurred_at(),
+            command_id: event.command_id(),
+            chain: crate::bus::chain::to_hex(&chain_head),
+            payload: event.payload(),
+        };
+        let bytes = serde_json::to_vec(&envelope)?;
+        // Enqueued here, in order (per account order is what the audit checks).
+        loop {
+            match producer.send_result(FutureRecord::to(&topic).key(&account).payload(&bytes)) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((e, _))
+                    if e == rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ) =>
+                {
+                    for d in pending.drain(..) {
+                        d.await?.map_err(|(e, _)| e)?;
+                    }
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        if pending.len() >= 50_000 {
+            for d in pending.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    let written = started.elapsed().as_secs_f64();
+    eprintln!("written in {written:.1} s; bare consumer…");
+    let (bare, audited) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, (f64, u64, usize))> {
+            let consumer: BaseConsumer = bus.reader(&topic, &[])?;
+            let started = Instant::now();
+            let mut got = 0usize;
+            let mut idle = Instant::now();
+            while got < events && idle.elapsed() < Duration::from_secs(60) {
+                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                    m?;
+                    got += 1;
+                    idle = Instant::now();
+                }
+            }
+            let bare = got as f64 / started.elapsed().as_secs_f64();
+            eprintln!("bare consumer: {got} records at {bare:.0}/s; audit --from kafka…");
+            let opts = crate::audit::AuditOptions {
+                account: None,
+                until: None,
+                validity_months: 6,
+                print_listing: false,
+            };
+            let started = Instant::now();
+            let auditor = crate::audit::from_kafka(&bus, opts)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let (n, findings) = auditor.summary();
+            for f in auditor.first_findings(5) {
+                eprintln!("finding: {f:?}");
+            }
+            Ok((bare, (n as f64 / seconds, n, findings)))
+        })
+        .await??;
+    let (audit_rate, n, findings) = audited;
+    println!("| measure ({events} events, 20 per account) | value |");
+    println!("| --- | --- |");
+    println!("| bare consumer (read every record) | {bare:.0} events/s |");
+    println!("| audit --from kafka (parse, chain, invariants, secrets, rebuilt listing) | {audit_rate:.0} events/s ({:.2}× bare) |", audit_rate / bare);
+    println!("| events audited / findings | {n} / {findings} |");
+    Ok(())
+}

@@ -33,6 +33,13 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Commands::Bench {
+            what:
+                BenchWhat::Audit {
+                    kafka_brokers,
+                    events,
+                },
+        } => keyledger::loadgen::audit_bench(&kafka_brokers, events).await,
+        Commands::Bench {
             what: BenchWhat::Commands(a),
         } => {
             let mut bus = BusConfig::new(a.kafka_brokers);

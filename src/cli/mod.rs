@@ -117,6 +117,14 @@ pub enum BenchWhat {
     /// GenerateKey commands over the bus against a running keyledger, next to the raw
     /// database and broker rates.
     Commands(BenchCommandsArgs),
+    /// `audit --from kafka` on a fresh topic of synthetic events, next to a bare consumer.
+    Audit {
+        #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
+        kafka_brokers: String,
+        /// Events to write and replay.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
