@@ -303,11 +303,12 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
                     pending.push(delivery);
                     break;
                 }
-                Err((e, _))
-                    if e == rdkafka::error::KafkaError::MessageProduction(
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
                         rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ) =>
-                {
+                    ),
+                    _,
+                )) => {
                     for d in pending.drain(..) {
                         d.await?.map_err(|(e, _)| e)?;
                     }
