@@ -288,30 +288,7 @@ impl Store {
         let Backend::Postgres { pool, .. } = &self.backend else {
             return Ok(HashMap::new());
         };
-        let accounts: Vec<&str> = keys.iter().map(|(a, _)| a.as_str()).collect();
-        let sequences: Vec<i64> = keys.iter().map(|(_, s)| *s as i64).collect();
-        let rows = sqlx::query(
-            "SELECT c.account_id, c.sequence, c.chain FROM event_chain c \
-             JOIN unnest($1::text[], $2::bigint[]) AS k(account_id, sequence) \
-             ON c.account_id = k.account_id AND c.sequence = k.sequence",
-        )
-        .bind(&accounts)
-        .bind(&sequences)
-        .fetch_all(pool)
-        .await?;
-        use sqlx::Row;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    (
-                        r.get::<String, _>("account_id"),
-                        r.get::<i64, _>("sequence").max(0) as u64,
-                    ),
-                    r.get("chain"),
-                )
-            })
-            .collect())
+        postgres::recorded_chains(pool, keys).await
     }
 
     /// The PostgreSQL pool (the bus runs on PostgreSQL only).

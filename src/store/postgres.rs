@@ -369,3 +369,33 @@ pub(crate) async fn index_snapshot(
         offsets,
     })
 }
+
+/// The chain values the relay recorded for these (account, sequence) pairs.
+pub(super) async fn recorded_chains(
+    pool: &PgPool,
+    keys: &[(String, u64)],
+) -> Result<HashMap<(String, u64), String>, StoreError> {
+    let accounts: Vec<&str> = keys.iter().map(|(a, _)| a.as_str()).collect();
+    let sequences: Vec<i64> = keys.iter().map(|(_, s)| *s as i64).collect();
+    let rows = sqlx::query(
+        "SELECT c.account_id, c.sequence, c.chain FROM event_chain c \
+         JOIN unnest($1::text[], $2::bigint[]) AS k(account_id, sequence) \
+         ON c.account_id = k.account_id AND c.sequence = k.sequence",
+    )
+    .bind(&accounts)
+    .bind(&sequences)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r.get::<String, _>("account_id"),
+                    r.get::<i64, _>("sequence").max(0) as u64,
+                ),
+                r.get("chain"),
+            )
+        })
+        .collect())
+}

@@ -62,6 +62,21 @@ async fn history(app: &TestApp) -> Vec<String> {
     ids
 }
 
+/// (key id, label, contacts) of each row of a listing.
+fn key_label_contacts(rows: &Value) -> Vec<(String, String, Value)> {
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["key_id"].as_str().unwrap_or_default().to_owned(),
+                r["label"].as_str().unwrap_or_default().to_owned(),
+                r["contacts"].clone(),
+            )
+        })
+        .collect()
+}
+
 async fn wait_published(url: &str, events: i64) {
     let mut c = PgConnection::connect(url).await.expect("connect");
     for _ in 0..600 {
@@ -199,30 +214,8 @@ async fn until_replays_the_state_as_of_a_past_instant() {
     )
     .await;
     assert!(ok, "{report}");
-    let rebuilt: Vec<(String, String, Value)> = report["listing"]
-        .as_array()
-        .expect("listing")
-        .iter()
-        .map(|r| {
-            (
-                r["key_id"].as_str().unwrap_or_default().to_owned(),
-                r["label"].as_str().unwrap_or_default().to_owned(),
-                r["contacts"].clone(),
-            )
-        })
-        .collect();
-    let then: Vec<(String, String, Value)> = captured["keys"]
-        .as_array()
-        .expect("keys")
-        .iter()
-        .map(|r| {
-            (
-                r["key_id"].as_str().unwrap_or_default().to_owned(),
-                r["label"].as_str().unwrap_or_default().to_owned(),
-                r["contacts"].clone(),
-            )
-        })
-        .collect();
+    let rebuilt = key_label_contacts(&report["listing"]);
+    let then = key_label_contacts(&captured["keys"]);
     assert_eq!(rebuilt, then, "the listing as of the instant");
     let (ok, now) = audit(&url, &["--from", "store", "--account", "acct-a"], None).await;
     assert!(ok, "{now}");

@@ -354,3 +354,24 @@ pub fn dump_files(dir: &std::path::Path) -> String {
     }
     out
 }
+
+/// The real application on PostgreSQL with a manual clock (returned), the legacy salt
+/// `salt`, and the legacy cut-off 30 days ahead.
+pub async fn spawn_with_legacy_cutoff_in_30_days(
+    salt: &str,
+) -> (SocketAddr, std::sync::Arc<keyledger::domain::ManualClock>) {
+    let backing = Backing::postgres().await;
+    let now = chrono::Utc::now();
+    let policy = Policy {
+        legacy_expiry: now + chrono::Duration::days(30),
+        ..Policy::default()
+    };
+    let clock = Arc::new(keyledger::domain::ManualClock::new(now));
+    let mut settings = settings(&backing, policy);
+    settings.clock = clock.clone();
+    settings.legacy_salt = Some(salt.to_owned());
+    let app = Application::build(settings).await.expect("builds");
+    let addr = app.local_addr().expect("addr");
+    tokio::spawn(app.run_until(std::future::pending()));
+    (addr, clock)
+}

@@ -9,7 +9,7 @@ use rand::RngCore;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{Backing, TOKEN};
+use crate::common::TOKEN;
 
 const ROWS: usize = 10_000;
 
@@ -75,21 +75,7 @@ async fn ten_thousand_legacy_rows_migrate_once_and_bad_rows_are_reported() {
     let input = dir.path().join("legacy.csv");
     std::fs::write(&input, csv).expect("write");
 
-    let backing = Backing::postgres().await;
-    let now = chrono::Utc::now();
-    let policy = keyledger::domain::Policy {
-        legacy_expiry: now + chrono::Duration::days(30),
-        ..keyledger::domain::Policy::default()
-    };
-    let clock = std::sync::Arc::new(keyledger::domain::ManualClock::new(now));
-    let mut settings = crate::common::settings(&backing, policy);
-    settings.clock = clock.clone();
-    settings.legacy_salt = Some(salt.to_owned());
-    let app = keyledger::app::Application::build(settings)
-        .await
-        .expect("builds");
-    let addr = app.local_addr().expect("addr");
-    tokio::spawn(app.run_until(std::future::pending()));
+    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(salt).await;
 
     let (code, dry) = migrate_legacy(addr, &input, &["--dry-run"]).await;
     assert_eq!(code, 3);

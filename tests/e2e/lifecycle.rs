@@ -280,21 +280,7 @@ async fn a_migrated_legacy_key_verifies_by_postmans_scheme_until_its_cutoff() {
         .format_for_version(bcrypt::Version::TwoB);
     let (salt, tail) = full.split_at(29);
 
-    let backing = Backing::postgres().await;
-    let now = chrono::Utc::now();
-    let policy = keyledger::domain::Policy {
-        legacy_expiry: now + chrono::Duration::days(30),
-        ..keyledger::domain::Policy::default()
-    };
-    let clock = std::sync::Arc::new(keyledger::domain::ManualClock::new(now));
-    let mut settings = crate::common::settings(&backing, policy);
-    settings.clock = clock.clone();
-    settings.legacy_salt = Some(salt.to_owned());
-    let app = keyledger::app::Application::build(settings)
-        .await
-        .expect("builds");
-    let addr = app.local_addr().expect("addr");
-    tokio::spawn(app.run_until(std::future::pending()));
+    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(salt).await;
     let http = reqwest::Client::new();
     let call = |path: &str, body: Value| {
         http.post(format!("http://{addr}{path}"))
