@@ -19,7 +19,8 @@ use rdkafka::message::Message;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::bus::{chain, projector::record_of, BusConfig};
+use crate::bus::{projector::record_of, BusConfig};
+use crate::chain;
 use crate::store::{index_snapshot, Store, REPLAY_PAGE};
 
 /// One thing found wrong.
@@ -440,9 +441,12 @@ pub async fn from_store(store: &Store, opts: AuditOptions) -> anyhow::Result<Aud
             .collect();
         let recorded = store.recorded_chains(&keys).await?;
         for r in &page {
-            let carried = recorded
-                .get(&(r.account_id.clone(), r.sequence))
-                .map(String::as_str);
+            // The value written with the event; else the one the relay recorded.
+            let carried = r.chain.as_deref().or_else(|| {
+                recorded
+                    .get(&(r.account_id.clone(), r.sequence))
+                    .map(String::as_str)
+            });
             auditor.feed(&r.account_id, r.sequence, &r.event, carried);
         }
         bar.inc(page.len() as u64);

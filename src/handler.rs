@@ -20,6 +20,7 @@ use rand::Rng;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::chain;
 use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
 use crate::keyring::{
     KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial,
@@ -111,7 +112,11 @@ impl CommandHandler {
         let _serialised = self.lock_for(&request.account_id).lock().await;
         let account = request.account_id.as_str();
         for attempt in 0..MAX_ATTEMPTS {
-            let mut context = self.store.load(account).await.map_err(unavailable)?;
+            let (mut context, head) = self
+                .store
+                .load_with_chain(account)
+                .await
+                .map_err(unavailable)?;
             let keyring = &mut context.aggregate;
             if let Some(prior) = keyring.prior_outcome(request.command_id) {
                 return Ok(duplicate(keyring, prior.sequences.clone(), prior.key_id));
@@ -136,7 +141,15 @@ impl CommandHandler {
                     api_key: None,
                 });
             }
-            let metadata = HashMap::from([
+            // The hash chain, recorded with the events it covers.
+            let first_sequence = context.current_sequence as u64 + 1;
+            let mut chains = Vec::with_capacity(events.len());
+            let mut value = head;
+            for (i, e) in events.iter().enumerate() {
+                value = chain::next(&value, account, first_sequence + i as u64, &e.0);
+                chains.push(value);
+            }
+            let mut metadata = HashMap::from([
                 ("command_id".to_owned(), request.command_id.to_string()),
                 (
                     "command_type".to_owned(),
@@ -148,14 +161,17 @@ impl CommandHandler {
                     self.services.clock.now().to_rfc3339(),
                 ),
             ]);
+            metadata.extend(chain::metadata(first_sequence, &chains));
             match self.store.commit(events, context, metadata).await {
                 Ok(committed) => {
                     let records: Vec<StoredRecord> = committed
                         .into_iter()
-                        .map(|e| StoredRecord {
+                        .zip(&chains)
+                        .map(|(e, c)| StoredRecord {
                             account_id: e.aggregate_id,
                             sequence: e.sequence as u64,
                             event: e.payload.0,
+                            chain: Some(chain::to_hex(c)),
                         })
                         .collect();
                     if let Err(e) = self

@@ -9,6 +9,7 @@
 pub mod app;
 pub mod audit;
 pub mod bus;
+pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -262,12 +262,12 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     eprintln!("writing {events} events to {topic}…");
     let started = Instant::now();
-    let mut chain_head = crate::bus::chain::GENESIS;
+    let mut chain_head = crate::chain::GENESIS;
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..events {
         let (account, sequence) = (format!("acct-{:06}", i / 20), (i % 20 + 1) as u64);
         if sequence == 1 {
-            chain_head = crate::bus::chain::GENESIS;
+            chain_head = crate::chain::GENESIS;
         }
         let key_id = uuid::Uuid::now_v7();
         let event = KeyringEvent::KeyGenerated(KeyGenerated {
@@ -283,7 +283,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
             expires_at: now + chrono::Duration::days(180),
             rotated_from: None,
         });
-        chain_head = crate::bus::chain::next(&chain_head, &account, sequence, &event);
+        chain_head = crate::chain::next(&chain_head, &account, sequence, &event);
         let envelope = EventEnvelope {
             event_id: crate::bus::relay::event_id(&account, sequence),
             account_id: account.clone(),
@@ -292,7 +292,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
             event_version: EVENT_VERSION.to_owned(),
             occurred_at: event.occurred_at(),
             command_id: event.command_id(),
-            chain: crate::bus::chain::to_hex(&chain_head),
+            chain: crate::chain::to_hex(&chain_head),
             payload: event.payload(),
         };
         let bytes = serde_json::to_vec(&envelope)?;

@@ -11,7 +11,7 @@
 //! transaction as the effect they record; Kafka's own group offsets are not relied on.
 //! Producers are idempotent; no Kafka transactions are used.
 
-pub mod chain;
+pub use crate::chain;
 pub mod commands;
 pub mod follower;
 pub mod projector;

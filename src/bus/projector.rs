@@ -26,6 +26,7 @@ pub fn record_of(envelope: EventEnvelope) -> Result<StoredRecord, serde_json::Er
         account_id: envelope.account_id,
         sequence: envelope.sequence,
         event,
+        chain: Some(envelope.chain),
     })
 }
 

@@ -24,8 +24,8 @@ use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::chain;
 use super::{supervise, BusError};
+use crate::chain;
 
 /// The advisory lock that makes one relay the publisher.
 const RELAY_LOCK: i64 = 0x6b6c_7265_6c61; // "klrela"

@@ -22,6 +22,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 
+use crate::chain;
 use crate::keyring::{Keyring, KeyringError};
 
 /// One stored event with its place in its account's stream.
@@ -30,6 +31,8 @@ pub struct StoredRecord {
     pub account_id: String,
     pub sequence: u64,
     pub event: KeyringEvent,
+    /// The event's hash-chain value (hex) as recorded with it, when known.
+    pub chain: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,14 +139,32 @@ impl Store {
         Ok(())
     }
 
-    pub async fn load(
+    /// The keyring of `account_id`, ready for a command, with the chain value of its last
+    /// event (as recorded in that event's metadata; recomputed where none was recorded).
+    pub async fn load_with_chain(
         &self,
         account_id: &str,
-    ) -> AggregateResult<EventStoreAggregateContext<Keyring>> {
-        match &self.backend {
-            Backend::Postgres { events, .. } => events.load_aggregate(account_id).await,
-            Backend::Sqlite { events, .. } => events.load_aggregate(account_id).await,
+    ) -> AggregateResult<(EventStoreAggregateContext<Keyring>, [u8; 32])> {
+        use cqrs_es::Aggregate;
+        let envelopes = match &self.backend {
+            Backend::Postgres { events, .. } => events.load_events(account_id).await?,
+            Backend::Sqlite { events, .. } => events.load_events(account_id).await?,
+        };
+        let mut context = EventStoreAggregateContext {
+            aggregate_id: account_id.to_owned(),
+            aggregate: Keyring::default(),
+            current_sequence: 0,
+            current_snapshot: None,
+        };
+        let mut head = chain::GENESIS;
+        for e in envelopes {
+            let sequence = e.sequence as u64;
+            head = chain::recorded(&e.metadata, sequence)
+                .unwrap_or_else(|| chain::next(&head, account_id, sequence, &e.payload.0));
+            context.aggregate.apply(e.payload);
+            context.current_sequence = e.sequence;
         }
+        Ok((context, head))
     }
 
     pub async fn commit(
@@ -226,16 +247,24 @@ impl Store {
 }
 
 /// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
-fn decode(account_id: &str, sequence: i64, payload: &str) -> Result<StoredRecord, StoreError> {
+fn decode(
+    account_id: &str,
+    sequence: i64,
+    payload: &str,
+    metadata: &str,
+) -> Result<StoredRecord, StoreError> {
     let event: KeyringEvent = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
         account_id: account_id.to_owned(),
         sequence,
         reason: e.to_string(),
     })?;
+    let metadata: HashMap<String, String> = serde_json::from_str(metadata).unwrap_or_default();
+    let sequence = sequence.max(0) as u64;
     Ok(StoredRecord {
         account_id: account_id.to_owned(),
-        sequence: sequence.max(0) as u64,
+        sequence,
         event,
+        chain: chain::recorded(&metadata, sequence).map(|c| chain::to_hex(&c)),
     })
 }
 

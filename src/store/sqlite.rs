@@ -15,7 +15,7 @@ pub(super) async fn events_after(
     after: u64,
 ) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query(
-        "SELECT sequence, payload FROM events \
+        "SELECT sequence, payload, metadata FROM events \
          WHERE aggregate_type = 'Keyring' AND aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
     )
     .bind(account_id)
@@ -23,7 +23,14 @@ pub(super) async fn events_after(
     .fetch_all(pool)
     .await?;
     rows.iter()
-        .map(|r| decode(account_id, r.get::<i64, _>("sequence"), r.get("payload")))
+        .map(|r| {
+            decode(
+                account_id,
+                r.get::<i64, _>("sequence"),
+                r.get("payload"),
+                r.get("metadata"),
+            )
+        })
         .collect()
 }
 
@@ -34,7 +41,7 @@ pub(super) async fn events_page(
     limit: i64,
 ) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, payload FROM events \
+        "SELECT aggregate_id, sequence, payload, metadata FROM events \
          WHERE aggregate_type = 'Keyring' AND (aggregate_id, sequence) > ($1, $2) \
          ORDER BY aggregate_id, sequence LIMIT $3",
     )
@@ -49,6 +56,7 @@ pub(super) async fn events_page(
                 r.get("aggregate_id"),
                 r.get::<i64, _>("sequence"),
                 r.get("payload"),
+                r.get("metadata"),
             )
         })
         .collect()

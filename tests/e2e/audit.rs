@@ -221,3 +221,50 @@ async fn until_replays_the_state_as_of_a_past_instant() {
     assert!(ok, "{now}");
     assert_eq!(now["listing_digest"], now["live_listing_digest"]);
 }
+
+#[tokio::test]
+async fn without_the_bus_the_store_carries_its_own_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut app = TestApp::spawn(Backing::embedded(&dir)).await;
+    history(&app).await;
+    app.shutdown().await;
+    let run = || {
+        let data = data.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyledger"))
+                .args(["audit", "--from", "store", "--json", "--data-dir"])
+                .arg(&data)
+                .env_remove("KEYLEDGER_DATABASE_URL")
+                .output()
+                .await
+                .expect("runs");
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            (out.status.success(), report)
+        }
+    };
+    let (ok, report) = run().await;
+    assert!(ok, "{report}");
+    assert_eq!(report["events"], 13);
+    assert_eq!(report["listing_digest"], report["live_listing_digest"]);
+
+    let path = data.join("keyledger.db");
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("open");
+    c.execute(
+        "UPDATE events SET payload = json_set(payload, '$.KeyGenerated.label', 'TWO') \
+         WHERE aggregate_id = 'acct-b' AND sequence = 2",
+    )
+    .await
+    .expect("edit");
+    drop(c);
+    let (ok, report) = run().await;
+    assert!(!ok, "{report}");
+    let named = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .any(|f| f["check"] == "chain" && f["account_id"] == "acct-b" && f["sequence"] == 2);
+    assert!(named, "{report}");
+}

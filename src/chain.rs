@@ -1,4 +1,5 @@
-//! The hash chain of an account's events.
+//! The hash chain of an account's events: computed when events are written (kept in each
+//! event's metadata), carried on the events topic, verified by the audit.
 //!
 //! `chain(n) = BLAKE3(chain(n-1) ‖ canonical(event n))`, with 32 zero bytes before the first
 //! event. The canonical bytes are the compact JSON of `{account_id, sequence, event_type,
@@ -44,6 +45,37 @@ pub fn next(
     h.update(previous);
     h.update(&canonical_bytes(account_id, sequence, event));
     *h.finalize().as_bytes()
+}
+
+/// Metadata keys: the chain values of a commit's events (hex, comma-separated, in order)
+/// and the sequence of its first event.
+pub const METADATA_CHAINS: &str = "chain";
+pub const METADATA_FIRST_SEQUENCE: &str = "first_sequence";
+
+/// The metadata recording `chains` for a commit whose first event is `first_sequence`.
+pub fn metadata(first_sequence: u64, chains: &[[u8; 32]]) -> [(String, String); 2] {
+    let list: Vec<String> = chains.iter().map(to_hex).collect();
+    [
+        (METADATA_CHAINS.to_owned(), list.join(",")),
+        (
+            METADATA_FIRST_SEQUENCE.to_owned(),
+            first_sequence.to_string(),
+        ),
+    ]
+}
+
+/// The chain value recorded for `sequence` in its commit's metadata.
+pub fn recorded(
+    metadata: &std::collections::HashMap<String, String>,
+    sequence: u64,
+) -> Option<[u8; 32]> {
+    let first: u64 = metadata.get(METADATA_FIRST_SEQUENCE)?.parse().ok()?;
+    let index = sequence.checked_sub(first)? as usize;
+    metadata
+        .get(METADATA_CHAINS)?
+        .split(',')
+        .nth(index)
+        .and_then(from_hex)
 }
 
 pub fn to_hex(b: &[u8; 32]) -> String {
