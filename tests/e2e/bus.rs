@@ -407,7 +407,7 @@ async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_proje
     assert_eq!(outbox(&mut db).await, 300);
     let mut relay = spawn_process(&url, &small_batches, "relay").await;
     let mut left = 300;
-    for _ in 0..10_000 {
+    for _ in 0..60_000 {
         left = outbox(&mut db).await;
         if left < 300 {
             break;
@@ -482,7 +482,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
     small_batches.projector_batch = 7;
     let mut db = PgConnection::connect(&url).await.expect("connect");
     let mut projector = spawn_process(&url, &small_batches, "projector").await;
-    for _ in 0..20_000 {
+    for _ in 0..60_000 {
         if listed(&mut db).await > 0 {
             break;
         }
