@@ -35,6 +35,9 @@ pub fn parse_event(bytes: &[u8]) -> Result<StoredRecord, serde_json::Error> {
     record_of(serde_json::from_slice(bytes)?)
 }
 
+/// How long a batch may gather records after its first.
+const GATHER: Duration = Duration::from_millis(10);
+
 pub struct Projector {
     bus: BusConfig,
     store: std::sync::Arc<Store>,
@@ -60,10 +63,12 @@ impl Projector {
                 m = consumer.recv() => m?,
                 _ = stop.changed() => return Ok(()),
             };
-            // Gather what is already there, up to a batch.
+            // Gather what arrives within a short window, up to a batch: a steady trickle
+            // must not hold the first record back until the batch is full.
             let mut messages = vec![first];
+            let deadline = tokio::time::Instant::now() + GATHER;
             while messages.len() < self.bus.projector_batch.max(1) {
-                match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
                     Ok(m) => messages.push(m?),
                     Err(_) => break,
                 }
