@@ -378,6 +378,18 @@ async fn listed(db: &mut PgConnection) -> i64 {
         .expect("count")
 }
 
+/// A fresh database and topics, and the service in-process running `roles` (the part under
+/// test runs as a separate process).
+async fn spawn_without_one_part(roles: &str) -> (String, keyledger::bus::BusConfig, TestApp) {
+    let backing = Backing::postgres().await;
+    let Backing::Postgres(url) = backing.clone() else {
+        unreachable!()
+    };
+    let bus = kafka::bus();
+    let app = TestApp::spawn_bus(backing, bus.clone(), Roles::parse(roles).expect("roles")).await;
+    (url, bus, app)
+}
+
 async fn outbox(db: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(db)
@@ -387,17 +399,7 @@ async fn outbox(db: &mut PgConnection) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_projection() {
-    let backing = Backing::postgres().await;
-    let Backing::Postgres(url) = backing.clone() else {
-        unreachable!()
-    };
-    let bus = kafka::bus();
-    let app = TestApp::spawn_bus(
-        backing,
-        bus.clone(),
-        Roles::parse("http,commands,projector").expect("roles"),
-    )
-    .await;
+    let (url, bus, app) = spawn_without_one_part("http,commands,projector").await;
     // 300 events wait in the outbox; a relay publishing 5 at a time is killed as soon as
     // it has taken some of them, with most still to go.
     generate_many(&app, 20, 15, 4).await;
@@ -436,17 +438,7 @@ async fn a_relay_killed_mid_publish_loses_nothing_and_duplicates_change_no_proje
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_replay() {
-    let backing = Backing::postgres().await;
-    let Backing::Postgres(url) = backing.clone() else {
-        unreachable!()
-    };
-    let bus = kafka::bus();
-    let app = TestApp::spawn_bus(
-        backing,
-        bus.clone(),
-        Roles::parse("http,commands,relay").expect("roles"),
-    )
-    .await;
+    let (url, bus, app) = spawn_without_one_part("http,commands,relay").await;
     generate_many(&app, 20, 15, 4).await;
     // Revoke, rotate and re-contact some, so the replay has more than inserts.
     let mut ids = Vec::new();

@@ -375,3 +375,22 @@ pub async fn spawn_with_legacy_cutoff_in_30_days(
     tokio::spawn(app.run_until(std::future::pending()));
     (addr, clock)
 }
+
+/// A legacy key made the way Postman made them: bcrypt (at `cost`) of the secret part under
+/// a server-wide salt. Returns (plaintext key, salt, hash without the salt).
+pub fn postman_legacy_key(username: &str, cost: u32) -> (String, String, String) {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut raw = [0u8; 33];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let secret = base64::engine::general_purpose::STANDARD.encode(raw);
+    let full = bcrypt::hash_with_result(&secret, cost)
+        .expect("bcrypt")
+        .format_for_version(bcrypt::Version::TwoB);
+    let (salt, tail) = full.split_at(29);
+    (
+        format!("{username}_v1_{secret}"),
+        salt.to_owned(),
+        tail.to_owned(),
+    )
+}

@@ -4,8 +4,6 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use base64::Engine;
-use rand::RngCore;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -35,14 +33,7 @@ async fn migrate_legacy(
 async fn ten_thousand_legacy_rows_migrate_once_and_bad_rows_are_reported() {
     // The one row whose plaintext we know, hashed the way Postman did (cost 4 keeps the
     // test fast; the salt's cost is part of the configured salt).
-    let mut raw = [0u8; 33];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    let secret = base64::engine::general_purpose::STANDARD.encode(raw);
-    let known_key = format!("user0_v1_{secret}");
-    let full = bcrypt::hash_with_result(&secret, 4)
-        .expect("bcrypt")
-        .format_for_version(bcrypt::Version::TwoB);
-    let (salt, tail) = full.split_at(29);
+    let (known_key, salt, tail) = crate::common::postman_legacy_key("user0", 4);
 
     let mut csv = String::from("account_id,login_email,legacy_hash,created_at\n");
     let mut bad_rows = BTreeSet::new();
@@ -51,7 +42,7 @@ async fn ten_thousand_legacy_rows_migrate_once_and_bad_rows_are_reported() {
         let account = format!("legacy-{i:05}");
         let email = format!("user{i}@agency.gov.sg");
         let hash_tail = if i == 0 {
-            tail.to_owned()
+            tail.clone()
         } else {
             format!("{:031}", i)
         };
@@ -75,7 +66,7 @@ async fn ten_thousand_legacy_rows_migrate_once_and_bad_rows_are_reported() {
     let input = dir.path().join("legacy.csv");
     std::fs::write(&input, csv).expect("write");
 
-    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(salt).await;
+    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(&salt).await;
 
     let (code, dry) = migrate_legacy(addr, &input, &["--dry-run"]).await;
     assert_eq!(code, 3);

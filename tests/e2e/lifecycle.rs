@@ -267,20 +267,9 @@ async fn a_key_past_its_expiry_fails_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrated_legacy_key_verifies_by_postmans_scheme_until_its_cutoff() {
-    use base64::Engine;
-    use rand::RngCore;
-    // A legacy key made the way Postman made them: bcrypt of the secret part under the
-    // server-wide salt, stored as `{username}_v1_{hash without the salt}`.
-    let mut raw = [0u8; 33];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    let secret = base64::engine::general_purpose::STANDARD.encode(raw);
-    let plaintext = format!("marylim_v1_{secret}");
-    let full = bcrypt::hash_with_result(&secret, 10)
-        .expect("bcrypt")
-        .format_for_version(bcrypt::Version::TwoB);
-    let (salt, tail) = full.split_at(29);
-
-    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(salt).await;
+    // Stored as `{username}_v1_{hash without the salt}`, at Postman's cost.
+    let (plaintext, salt, tail) = crate::common::postman_legacy_key("marylim", 10);
+    let (addr, clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(&salt).await;
     let http = reqwest::Client::new();
     let call = |path: &str, body: Value| {
         http.post(format!("http://{addr}{path}"))
