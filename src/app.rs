@@ -17,10 +17,14 @@ use crate::bus::projector::Projector;
 use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
 use crate::domain::KeyHasher;
+use crate::feed::{self, Reaction};
 use crate::handler::CommandHandler;
 use crate::http::{router, AppState};
 use crate::keyring::KeyringServices;
+use crate::notify::dispatch::Notifier;
 use crate::read_side::ReadSide;
+use crate::reminders::saga::{Firing, Saga};
+use crate::store::reactions::Reactions;
 use crate::store::Store;
 
 /// A built service: bound to its port (when it serves HTTP), background parts running.
@@ -94,7 +98,7 @@ impl Application {
                 }
             }
             _ => {
-                if !(roles.http || roles.commands) {
+                if !(roles.http || roles.commands || roles.saga || roles.notifier) {
                     anyhow::bail!(
                         "the relay and projector roles need the bus (KEYLEDGER_KAFKA_BROKERS)"
                     );
@@ -141,7 +145,43 @@ impl Application {
                 CommandConsumer::new(bus.clone(), pool.clone(), handler.clone(), bus.producer(0)?);
             tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
         }
+        let saga = Arc::new(Saga::new(
+            Reactions::of(&store),
+            settings.reminders.stages.clone(),
+        ));
+        let bus_pool = match (&settings.bus, store.pg_pool()) {
+            (Some(bus), Some(pool)) => Some((bus.clone(), pool.clone())),
+            _ => None,
+        };
+        if roles.saga {
+            tasks.push(spawn_feed(&saga, &bus_pool, &store, &handler, &stopped));
+            let firing = Firing {
+                saga: saga.clone(),
+                handler: handler.clone(),
+                clock: settings.clock.clone(),
+                tick: settings.reminders.tick,
+            };
+            tasks.push(tokio::spawn(firing.run(stopped.clone())));
+        }
+        if roles.notifier {
+            let producer = match &bus_pool {
+                Some((bus, _)) => Some((bus.producer(5)?, bus.notifications_topic())),
+                None => None,
+            };
+            let r = &settings.reminders;
+            let notifier = Arc::new(Notifier::new(
+                Reactions::of(&store),
+                r.templates.clone(),
+                r.stages.last(),
+                producer,
+                r.smtp.clone(),
+                r.poll,
+            ));
+            tasks.push(spawn_feed(&notifier, &bus_pool, &store, &handler, &stopped));
+            tasks.push(tokio::spawn(notifier.send_loop(stopped.clone())));
+        }
         let state = AppState {
+            saga,
             handler,
             read_side,
             store,
@@ -239,6 +279,32 @@ async fn follow_other_writers(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// Feeds a reaction to the log from the events topic when the bus is on, else from the
+/// event store.
+fn spawn_feed<R: Reaction>(
+    reaction: &Arc<R>,
+    bus_pool: &Option<(crate::bus::BusConfig, sqlx::PgPool)>,
+    store: &Arc<Store>,
+    handler: &CommandHandler,
+    stop: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    match bus_pool {
+        Some((bus, pool)) => tokio::spawn(feed::from_bus(
+            reaction.clone(),
+            bus.clone(),
+            store.clone(),
+            pool.clone(),
+            stop.clone(),
+        )),
+        None => tokio::spawn(feed::from_store(
+            reaction.clone(),
+            store.clone(),
+            handler.subscribe_commits(),
+            stop.clone(),
+        )),
     }
 }
 

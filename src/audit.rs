@@ -75,6 +75,8 @@ struct KeyAudit {
     legacy: bool,
     key_hash: Option<String>,
     legacy_hash: Option<String>,
+    /// Reminder stages decided (sent or skipped).
+    reminded: std::collections::BTreeSet<u32>,
 }
 
 #[derive(Default)]
@@ -290,6 +292,15 @@ impl Auditor {
                             if k.expired || k.expires_at.is_some_and(|x| at > x) =>
                         {
                             problems.push(format!("reminder for key {key_id} after its expiry"));
+                        }
+                        KeyringEvent::ExpiryReminderDue(e) => {
+                            for stage in std::iter::once(&e.stage).chain(&e.skipped_stages) {
+                                if !k.reminded.insert(*stage) {
+                                    problems.push(format!(
+                                        "reminder stage {stage} of key {key_id} decided twice"
+                                    ));
+                                }
+                            }
                         }
                         _ => {}
                     },

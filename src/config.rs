@@ -13,8 +13,13 @@ use base64::Engine;
 use rand::rngs::OsRng;
 use rand::RngCore;
 
+use std::time::Duration;
+
 use crate::bus::BusConfig;
 use crate::domain::{Clock, Policy, SecretString, SystemClock};
+use crate::notify::dispatch::Smtp;
+use crate::notify::render::Templates;
+use crate::reminders::schedule::Stages;
 
 /// The shortest pepper accepted (bytes).
 pub const MIN_PEPPER_BYTES: usize = 32;
@@ -45,6 +50,34 @@ pub struct Settings {
     pub bus: Option<BusConfig>,
     /// The parts this process runs.
     pub roles: Roles,
+    /// Reminders, expiry and notifications.
+    pub reminders: ReminderSettings,
+}
+
+/// The reminder saga's and the notifier's settings.
+#[derive(Clone, Debug)]
+pub struct ReminderSettings {
+    /// Days before expiry a reminder is sent (28, 14, 3, 1).
+    pub stages: Stages,
+    /// How often the saga looks for due stages.
+    pub tick: Duration,
+    pub templates: Templates,
+    /// Where emails go; none are sent when unset (the notifications topic still has them).
+    pub smtp: Option<Smtp>,
+    /// How often the notifier looks at its outbox when idle.
+    pub poll: Duration,
+}
+
+impl Default for ReminderSettings {
+    fn default() -> Self {
+        Self {
+            stages: Stages::default(),
+            tick: Duration::from_secs(5),
+            templates: Templates::builtin(),
+            smtp: None,
+            poll: Duration::from_millis(500),
+        }
+    }
 }
 
 /// The parts of the service a process runs; `all` by default. Each can run alone so they
@@ -59,6 +92,10 @@ pub struct Roles {
     pub relay: bool,
     /// The projector (listing table and persisted index from the events topic).
     pub projector: bool,
+    /// The reminder saga (schedule, firing reminders and expiries).
+    pub saga: bool,
+    /// The notifier (notifications topic, SMTP).
+    pub notifier: bool,
 }
 
 impl Roles {
@@ -67,16 +104,23 @@ impl Roles {
         commands: true,
         relay: true,
         projector: true,
+        saga: true,
+        notifier: true,
     };
 
-    /// Parses `all` or a comma-separated list of `http`, `commands`, `relay`, `projector`.
+    const NONE: Roles = Roles {
+        http: false,
+        commands: false,
+        relay: false,
+        projector: false,
+        saga: false,
+        notifier: false,
+    };
+
+    /// Parses `all` or a comma-separated list of `http`, `commands`, `relay`, `projector`,
+    /// `saga`, `notifier`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let mut r = Roles {
-            http: false,
-            commands: false,
-            relay: false,
-            projector: false,
-        };
+        let mut r = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "all" => r = Roles::ALL,
@@ -84,19 +128,16 @@ impl Roles {
                 "commands" => r.commands = true,
                 "relay" => r.relay = true,
                 "projector" => r.projector = true,
+                "saga" => r.saga = true,
+                "notifier" => r.notifier = true,
                 other => {
                     return Err(format!(
-                        "unknown role '{other}' (all, http, commands, relay, projector)"
+                        "unknown role '{other}' (all, http, commands, relay, projector, saga, notifier)"
                     ))
                 }
             }
         }
-        if r == (Roles {
-            http: false,
-            commands: false,
-            relay: false,
-            projector: false,
-        }) {
+        if r == Roles::NONE {
             return Err("no role given".into());
         }
         Ok(r)
@@ -149,6 +190,7 @@ pub struct Inputs {
     pub legacy_salt: Option<String>,
     pub bus: Option<BusConfig>,
     pub roles: Roles,
+    pub reminders: ReminderSettings,
 }
 
 /// Where the embedded mode keeps its files.
@@ -238,6 +280,7 @@ impl Settings {
             legacy_salt: inputs.legacy_salt,
             bus: inputs.bus,
             roles: inputs.roles,
+            reminders: inputs.reminders,
         };
         Ok((settings, token_path))
     }

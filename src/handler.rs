@@ -80,6 +80,8 @@ pub struct CommandHandler {
     hasher: KeyHasher,
     read_side: Arc<ReadSide>,
     locks: Vec<Mutex<()>>,
+    /// Names the account of every commit, for the reactions that follow the store.
+    commits: tokio::sync::broadcast::Sender<String>,
 }
 
 impl CommandHandler {
@@ -95,7 +97,13 @@ impl CommandHandler {
             hasher,
             read_side,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            commits: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// A receiver of the account id of every commit this handler makes from now on.
+    pub fn subscribe_commits(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.commits.subscribe()
     }
 
     pub fn services(&self) -> &KeyringServices {
@@ -183,6 +191,8 @@ impl CommandHandler {
                         // command of this account or at the next start.
                         tracing::error!(account_id = account, error = %e, "read side lags behind the store");
                     }
+                    // Nobody listening (the bus feeds the reactions) is fine.
+                    let _ = self.commits.send(account.to_owned());
                     return Ok(Outcome {
                         status: Status::Accepted,
                         sequences: records.iter().map(|r| r.sequence).collect(),

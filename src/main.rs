@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use keyledger::app::{open_store, shutdown_signal, Application};
 use keyledger::bus::BusConfig;
-use keyledger::cli::{run_keys, BenchWhat, Cli, Commands, LogFormat, ServeArgs};
+use keyledger::cli::{run_keys, run_reminders, BenchWhat, Cli, Commands, LogFormat, ServeArgs};
 use keyledger::config::{Inputs, Settings};
 
 #[tokio::main]
@@ -13,9 +13,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     keyledger::telemetry::init(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
-        Commands::Serve(args) => serve(args).await,
+        Commands::Serve(args) => serve(*args).await,
         Commands::Migrate(args) => migrate(args).await,
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
+        Commands::Reminders(args) => run_reminders(&args.client, args.action).await,
         Commands::Audit(args) => match audit(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
@@ -64,7 +65,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (settings, token_path) = Settings::resolve(args.inputs())?;
+    let (settings, token_path) = Settings::resolve(args.inputs()?)?;
     let mode = if args.storage.database_url.is_some() {
         "postgresql"
     } else {

@@ -53,6 +53,15 @@ pub enum Command {
     },
     /// Record that a key has reached its expiry (accepted only at or after it).
     ExpireKey { key_id: Uuid },
+    /// The reminder saga's: record that reminder `stage` (days before expiry) of a key fell
+    /// due. Accepted once per key and stage, only while the key is live and the stage is
+    /// due; `skipping` names earlier stages, overdue too, to record as skipped.
+    SendExpiryReminder {
+        key_id: Uuid,
+        stage: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipping: Vec<u32>,
+    },
     /// Bring over the account's single pre-multi-key (legacy) key.
     MigrateLegacyKey {
         login_email: String,
@@ -70,6 +79,7 @@ pub enum CommandType {
     RevokeKey,
     RotateKey,
     ExpireKey,
+    SendExpiryReminder,
     MigrateLegacyKey,
 }
 
@@ -81,6 +91,7 @@ impl CommandType {
             CommandType::RevokeKey => "RevokeKey",
             CommandType::RotateKey => "RotateKey",
             CommandType::ExpireKey => "ExpireKey",
+            CommandType::SendExpiryReminder => "SendExpiryReminder",
             CommandType::MigrateLegacyKey => "MigrateLegacyKey",
         }
     }
@@ -94,6 +105,7 @@ impl Command {
             Command::RevokeKey { .. } => CommandType::RevokeKey,
             Command::RotateKey { .. } => CommandType::RotateKey,
             Command::ExpireKey { .. } => CommandType::ExpireKey,
+            Command::SendExpiryReminder { .. } => CommandType::SendExpiryReminder,
             Command::MigrateLegacyKey { .. } => CommandType::MigrateLegacyKey,
         }
     }

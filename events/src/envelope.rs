@@ -67,3 +67,30 @@ pub struct DeadLetter {
     pub partition: i32,
     pub offset: i64,
 }
+
+/// One email to send, on `keyledger.notifications`: one per (event, recipient).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Notification {
+    /// UUIDv5 of the event id and the recipient: the idempotency key of this email.
+    pub notification_id: Uuid,
+    /// The ExpiryReminderDue or KeyExpired event that caused it.
+    pub event_id: Uuid,
+    pub account_id: String,
+    pub key_id: Uuid,
+    pub to: String,
+    pub subject: String,
+    /// Plain text.
+    pub body: String,
+    /// `expiry_reminder` or `key_expired`.
+    pub kind: String,
+    /// The reminder stage (days before expiry); absent on an expiry notice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+}
+
+impl Notification {
+    /// The idempotency key of the email to `to` caused by event `event_id`.
+    pub fn id_for(event_id: Uuid, to: &str) -> Uuid {
+        Uuid::new_v5(&event_id, to.as_bytes())
+    }
+}

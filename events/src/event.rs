@@ -72,6 +72,16 @@ pub struct KeyExpired {
     pub expires_at: DateTime<Utc>,
     /// When the expiry was recorded (at or after `expires_at`).
     pub expired_at: DateTime<Utc>,
+    /// Who is told: the key's contacts at that moment, or the login email when it has none.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// The key as named in the notice.
+    #[serde(default)]
+    pub label: String,
+    #[serde(default)]
+    pub last_five: String,
+    #[serde(default)]
+    pub login_email: String,
 }
 
 /// A legacy (pre-multi-key) key was brought over as an ordinary key.
@@ -93,16 +103,31 @@ pub struct LegacyKeyMigrated {
     pub migrated_at: DateTime<Utc>,
 }
 
-/// A reminder stage of a key fell due and was decided (reserved for the reminder saga).
+/// A reminder stage of a key fell due and was decided: its recipients are told once.
+/// Decided by the aggregate on the saga's SendExpiryReminder, only for a live key and a
+/// stage not sent or skipped before.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExpiryReminderDue {
     pub command_id: Uuid,
     pub key_id: Uuid,
-    /// Days before expiry: 28, 14, 3 or 1.
+    /// Days before expiry: 28, 14, 3 or 1 by default.
     pub stage: u32,
+    /// The key's contacts at this moment, or the login email when it has none.
     pub recipients: Vec<String>,
     pub expires_at: DateTime<Utc>,
+    /// When the stage fell due (`expires_at` minus `stage` days); earlier than the event's
+    /// time when it is sent late, after downtime.
     pub due_at: DateTime<Utc>,
+    /// Earlier stages that were overdue too and are recorded as skipped, never sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_stages: Vec<u32>,
+    /// The key as named in the reminder.
+    #[serde(default)]
+    pub label: String,
+    #[serde(default)]
+    pub last_five: String,
+    #[serde(default)]
+    pub login_email: String,
 }
 
 /// Every event of a keyring, as stored (externally tagged by its type name).

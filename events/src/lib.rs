@@ -15,7 +15,9 @@ mod event;
 pub mod schema;
 
 pub use command::{Command, CommandEnvelope, CommandType};
-pub use envelope::{CommandResult, CommandStatus, DeadLetter, ErrorBody, EventEnvelope};
+pub use envelope::{
+    CommandResult, CommandStatus, DeadLetter, ErrorBody, EventEnvelope, Notification,
+};
 pub use event::{
     ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,
     KeyringEvent, LegacyKeyMigrated, EVENT_VERSION,

@@ -4,7 +4,9 @@
 //! fails when they drift from the types. Regenerate them with
 //! `KEYLEDGER_UPDATE_SCHEMAS=1 cargo test -p keyledger-events`.
 
-use crate::{CommandEnvelope, CommandResult, DeadLetter, EventEnvelope, KeyringEvent};
+use crate::{
+    CommandEnvelope, CommandResult, DeadLetter, EventEnvelope, KeyringEvent, Notification,
+};
 
 /// Every schema of the contract: (file name, pretty JSON).
 pub fn all() -> Vec<(&'static str, String)> {
@@ -33,6 +35,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         (
             "dead-letter.schema.json",
             pretty(schemars::schema_for!(DeadLetter)),
+        ),
+        (
+            "notification.schema.json",
+            pretty(schemars::schema_for!(Notification)),
         ),
     ]
 }

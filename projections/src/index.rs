@@ -533,6 +533,10 @@ mod tests {
                 key_id: k2,
                 expires_at: later,
                 expired_at: later,
+                recipients: vec![],
+                label: String::new(),
+                last_five: String::new(),
+                login_email: String::new(),
             }),
         );
         assert_eq!(ix.lookup(&h2, now), Lookup::Expired);

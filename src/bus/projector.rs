@@ -53,64 +53,99 @@ impl Projector {
         supervise("projector", stop, |s| self.consume(s)).await;
     }
 
-    async fn consume(&self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
+    async fn consume(&self, stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.events_topic();
         let group = self.bus.projector_group.clone();
-        let consumer: StreamConsumer<RebalanceFlag> = group_consumer(&self.bus, &group, &topic)?;
-        let mut positions = Positions::new(&group, &topic);
-        loop {
-            let first = tokio::select! {
-                m = consumer.recv() => m?,
-                _ = stop.changed() => return Ok(()),
-            };
-            // Gather what arrives within a short window, up to a batch: a steady trickle
-            // must not hold the first record back until the batch is full.
-            let mut messages = vec![first];
-            let deadline = tokio::time::Instant::now() + GATHER;
-            while messages.len() < self.bus.projector_batch.max(1) {
-                match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(m) => messages.push(m?),
-                    Err(_) => break,
+        consume_batches(
+            &self.bus,
+            &self.pool,
+            &group,
+            self.bus.projector_batch,
+            stop,
+            |by_account, next| {
+                let (store, group, topic) = (&self.store, &group, &topic);
+                async move {
+                    project_batch(store, group, topic, &by_account, &next).await?;
+                    Ok(())
                 }
+            },
+        )
+        .await
+    }
+}
+
+/// One batch of the events topic: each account's new records in order, and the next offset
+/// of each partition the batch read.
+pub type Batch = (Vec<(String, Vec<StoredRecord>)>, Vec<(i32, i64)>);
+
+/// Consumes the events topic in `group`, handing each batch to `apply`, which must make its
+/// effect and store the offsets in one transaction. Records before the stored offsets are
+/// skipped; a batch gathers for at most [`GATHER`] after its first record.
+pub async fn consume_batches<F, Fut>(
+    bus: &BusConfig,
+    pool: &PgPool,
+    group: &str,
+    batch: usize,
+    mut stop: watch::Receiver<bool>,
+    mut apply: F,
+) -> Result<(), BusError>
+where
+    F: FnMut(Vec<(String, Vec<StoredRecord>)>, Vec<(i32, i64)>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BusError>>,
+{
+    let topic = bus.events_topic();
+    let consumer: StreamConsumer<RebalanceFlag> = group_consumer(bus, group, &topic)?;
+    let mut positions = Positions::new(group, &topic);
+    loop {
+        let first = tokio::select! {
+            m = consumer.recv() => m?,
+            _ = stop.changed() => return Ok(()),
+        };
+        // Gather what arrives within a short window, up to a batch: a steady trickle
+        // must not hold the first record back until the batch is full.
+        let mut messages = vec![first];
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while messages.len() < batch.max(1) {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(m) => messages.push(m?),
+                Err(_) => break,
             }
-            let mut by_account: Vec<(String, Vec<StoredRecord>)> = Vec::new();
-            let mut next: Vec<(i32, i64)> = Vec::new();
-            for m in &messages {
-                let (partition, offset) = (m.partition(), m.offset());
-                if positions
-                    .already_done(&self.pool, &consumer, partition, offset)
-                    .await?
-                {
-                    continue;
-                }
-                match next.iter_mut().find(|(p, _)| *p == partition) {
-                    Some(entry) => entry.1 = entry.1.max(offset + 1),
-                    None => next.push((partition, offset + 1)),
-                }
-                match parse_event(m.payload().unwrap_or_default()) {
-                    Ok(record) => {
-                        match by_account.iter_mut().find(|(a, _)| *a == record.account_id) {
-                            Some((_, records)) => records.push(record),
-                            None => by_account.push((record.account_id.clone(), vec![record])),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(partition, offset, error = %e, "unreadable record on the events topic; skipped")
-                    }
-                }
-            }
-            if next.is_empty() {
+        }
+        let mut by_account: Vec<(String, Vec<StoredRecord>)> = Vec::new();
+        let mut next: Vec<(i32, i64)> = Vec::new();
+        for m in &messages {
+            let (partition, offset) = (m.partition(), m.offset());
+            if positions
+                .already_done(pool, &consumer, partition, offset)
+                .await?
+            {
                 continue;
             }
-            // A republished record may repeat one already in this batch: keep order, drop repeats.
-            for (_, records) in &mut by_account {
-                records.sort_by_key(|r| r.sequence);
-                records.dedup_by_key(|r| r.sequence);
+            match next.iter_mut().find(|(p, _)| *p == partition) {
+                Some(entry) => entry.1 = entry.1.max(offset + 1),
+                None => next.push((partition, offset + 1)),
             }
-            project_batch(&self.store, &group, &topic, &by_account, &next).await?;
-            for (p, n) in next {
-                positions.advance(p, n);
+            match parse_event(m.payload().unwrap_or_default()) {
+                Ok(record) => match by_account.iter_mut().find(|(a, _)| *a == record.account_id) {
+                    Some((_, records)) => records.push(record),
+                    None => by_account.push((record.account_id.clone(), vec![record])),
+                },
+                Err(e) => {
+                    tracing::error!(group, partition, offset, error = %e, "unreadable record on the events topic; skipped")
+                }
             }
+        }
+        if next.is_empty() {
+            continue;
+        }
+        // A republished record may repeat one already in this batch: keep order, drop repeats.
+        for (_, records) in &mut by_account {
+            records.sort_by_key(|r| r.sequence);
+            records.dedup_by_key(|r| r.sequence);
+        }
+        apply(by_account, next.clone()).await?;
+        for (p, n) in next {
+            positions.advance(p, n);
         }
     }
 }

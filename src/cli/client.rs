@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{ClientArgs, KeysAction};
+use super::{ClientArgs, KeysAction, RemindersAction};
 use crate::config::DataFiles;
 
 pub(crate) struct Client {
@@ -194,5 +194,57 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
             .unwrap_or("request failed");
         bail!("{} ({})", message, status);
     }
+    Ok(())
+}
+
+/// Runs `reminders list`: a table of what falls due, or the JSON answer.
+pub async fn run_reminders(client: &ClientArgs, action: RemindersAction) -> anyhow::Result<()> {
+    let c = Client::new(client)?;
+    let RemindersAction::List {
+        account,
+        days,
+        json,
+    } = action;
+    let mut path = format!("/v1/reminders?days={days}");
+    if let Some(a) = &account {
+        path.push_str(&format!("&account_id={}", enc(a)));
+    }
+    let (status, body) = c.call(Method::GET, &path, None).await?;
+    if !status.is_success() {
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("request failed");
+        bail!("{} ({})", message, status);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let rows = body["reminders"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<25} {:<20} {:<36} {:<20} {:<7} {:<6} RECIPIENTS",
+        "DUE AT (UTC)", "ACCOUNT", "KEY", "LABEL", "LAST 5", "STAGE"
+    );
+    for r in &rows {
+        let stage = match r["stage"].as_u64() {
+            Some(d) => format!("{d}d"),
+            None => "expiry".into(),
+        };
+        let recipients: Vec<&str> = r["recipients"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<25} {:<20} {:<36} {:<20} {:<7} {:<6} {}",
+            r["due_at"].as_str().unwrap_or(""),
+            r["account_id"].as_str().unwrap_or(""),
+            r["key_id"].as_str().unwrap_or(""),
+            r["label"].as_str().unwrap_or(""),
+            r["last_five"].as_str().unwrap_or(""),
+            stage,
+            recipients.join(", ")
+        );
+    }
+    println!("{} due within {days} days", rows.len());
     Ok(())
 }

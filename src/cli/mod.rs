@@ -10,10 +10,13 @@ use chrono::{DateTime, Duration, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::bus::BusConfig;
-use crate::config::{Inputs, Roles};
+use crate::config::{Inputs, ReminderSettings, Roles};
 use crate::domain::Policy;
+use crate::notify::dispatch::Smtp;
+use crate::notify::render::Templates;
+use crate::reminders::schedule::Stages;
 
-pub use client::run_keys;
+pub use client::{run_keys, run_reminders};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,7 +47,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Commands {
     /// Run the service (HTTP API). Embedded SQLite under ./data unless KEYLEDGER_DATABASE_URL is set.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     Migrate(StorageArgs),
     /// Manage keys through a running server's HTTP API.
@@ -68,6 +71,8 @@ pub enum Commands {
     },
     /// Replay the whole log and prove what happened to every key (exit 1 on any failure).
     Audit(AuditArgs),
+    /// The reminder saga's schedule, through a running server's HTTP API.
+    Reminders(RemindersArgs),
     /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
     Bench {
         #[command(subcommand)]
@@ -235,12 +240,57 @@ pub struct ServeArgs {
     /// projector (the last three need the bus).
     #[arg(long, env = "KEYLEDGER_ROLES", default_value = "all", value_parser = Roles::parse)]
     pub role: Roles,
+    /// Days before expiry a reminder is sent, comma-separated.
+    #[arg(long, env = "KEYLEDGER_REMINDER_STAGES", default_value = "28,14,3,1", value_parser = Stages::parse)]
+    pub reminder_stages: Stages,
+    /// How often the reminder saga looks for due stages, in milliseconds.
+    #[arg(long, env = "KEYLEDGER_REMINDER_TICK_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub reminder_tick_ms: u64,
+    /// A folder holding reminder.txt, last-reminder.txt and expired.txt, replacing the
+    /// built-in email templates.
+    #[arg(long, env = "KEYLEDGER_TEMPLATE_DIR")]
+    pub template_dir: Option<PathBuf>,
+    /// The mail server for reminders, e.g. `smtp://host:25`, `smtps://user:pass@host:465`,
+    /// `smtp://host:587?tls=required`. Unset: no email is sent (the notifications topic
+    /// still carries every notification).
+    #[arg(long, env = "KEYLEDGER_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// The sender of reminder emails.
+    #[arg(
+        long,
+        env = "KEYLEDGER_SMTP_FROM",
+        default_value = "Postman <donotreply@mail.postman.gov.sg>"
+    )]
+    pub smtp_from: String,
+    /// First retry delay after a failed delivery, in milliseconds (doubled per attempt).
+    #[arg(long, env = "KEYLEDGER_SMTP_RETRY_MS", default_value_t = 1000)]
+    pub smtp_retry_ms: u64,
+    /// Longest delay between two delivery attempts, in milliseconds.
+    #[arg(long, env = "KEYLEDGER_SMTP_RETRY_MAX_MS", default_value_t = 600_000)]
+    pub smtp_retry_max_ms: u64,
 }
 
 impl ServeArgs {
-    pub fn inputs(&self) -> Inputs {
+    pub fn inputs(&self) -> anyhow::Result<Inputs> {
         let defaults = Policy::default();
-        Inputs {
+        let templates = match &self.template_dir {
+            Some(dir) => Templates::from_dir(dir)
+                .map_err(|e| anyhow::anyhow!("KEYLEDGER_TEMPLATE_DIR: {e}"))?,
+            None => Templates::builtin(),
+        };
+        let smtp = self
+            .smtp_url
+            .as_deref()
+            .map(|url| {
+                Smtp::new(
+                    url,
+                    &self.smtp_from,
+                    std::time::Duration::from_millis(self.smtp_retry_ms.max(1)),
+                    std::time::Duration::from_millis(self.smtp_retry_max_ms.max(1)),
+                )
+            })
+            .transpose()?;
+        Ok(Inputs {
             listen: self.listen.clone(),
             data_dir: self.storage.data_dir.clone(),
             database_url: self.storage.database_url.clone(),
@@ -274,7 +324,14 @@ impl ServeArgs {
                 bus
             }),
             roles: self.role,
-        }
+            reminders: ReminderSettings {
+                stages: self.reminder_stages.clone(),
+                tick: std::time::Duration::from_millis(self.reminder_tick_ms),
+                templates,
+                smtp,
+                ..ReminderSettings::default()
+            },
+        })
     }
 }
 
@@ -293,6 +350,30 @@ pub struct ClientArgs {
     /// Where to find an embedded server's generated token when --token is not given.
     #[arg(long, env = "KEYLEDGER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RemindersArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub action: RemindersAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemindersAction {
+    /// The reminders and expiries ahead: key, stage, due time, recipients.
+    List {
+        /// Only this account's keys.
+        #[arg(long)]
+        account: Option<String>,
+        /// How many days ahead to look.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+        /// Print the JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -58,6 +58,7 @@ pub fn status_of(e: &KeyringError) -> StatusCode {
         | KeyringError::InvalidContacts(_)
         | KeyringError::InvalidLoginEmail(_)
         | KeyringError::InvalidGrace { .. }
+        | KeyringError::InvalidStage
         | KeyringError::InvalidLegacyHash(_)
         | KeyringError::CreatedInFuture => StatusCode::BAD_REQUEST,
         KeyringError::KeyNotFound(_) => StatusCode::NOT_FOUND,
@@ -68,6 +69,7 @@ pub fn status_of(e: &KeyringError) -> StatusCode {
         | KeyringError::KeyExpired(_)
         | KeyringError::KeyAlreadyRotated { .. }
         | KeyringError::KeyNotExpired { .. }
+        | KeyringError::ReminderNotDue { .. }
         | KeyringError::LegacyAlreadyMigrated(_) => StatusCode::CONFLICT,
         KeyringError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

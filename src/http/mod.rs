@@ -4,6 +4,7 @@
 mod error;
 mod extract;
 mod keys;
+pub mod reminders;
 mod verify;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub clock: Arc<dyn Clock>,
     pub token_hash: blake3::Hash,
+    pub saga: Arc<crate::reminders::saga::Saga>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -56,6 +58,7 @@ pub fn router(state: AppState) -> Router {
             post(keys::migrate_legacy),
         )
         .route("/v1/verify", post(verify::verify))
+        .route("/v1/reminders", get(reminders::upcoming))
         .route("/openapi.yaml", get(openapi))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -34,6 +34,14 @@ pub enum KeyringError {
         key_id: Uuid,
         expires_at: DateTime<Utc>,
     },
+    #[error("reminder stage {stage} of key {key_id} is not due before {due_at}")]
+    ReminderNotDue {
+        key_id: Uuid,
+        stage: u32,
+        due_at: DateTime<Utc>,
+    },
+    #[error("a reminder stage is a number of days before expiry, 1 to 366")]
+    InvalidStage,
     #[error("grace_seconds must be between 0 and {max_seconds}")]
     InvalidGrace { max_seconds: i64 },
     #[error("invalid legacy hash: {0}")]
@@ -62,6 +70,8 @@ impl KeyringError {
             KeyringError::KeyExpired(_) => "key_expired",
             KeyringError::KeyAlreadyRotated { .. } => "key_already_rotated",
             KeyringError::KeyNotExpired { .. } => "key_not_expired",
+            KeyringError::ReminderNotDue { .. } => "reminder_not_due",
+            KeyringError::InvalidStage => "invalid_stage",
             KeyringError::InvalidGrace { .. } => "invalid_grace_period",
             KeyringError::InvalidLegacyHash(_) => "invalid_legacy_hash",
             KeyringError::CreatedInFuture => "invalid_request",

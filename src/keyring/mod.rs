@@ -18,8 +18,8 @@ use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use keyledger_events::{
-    Command, ContactsUpdated, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated, KeyringEvent,
-    LegacyKeyMigrated, EVENT_VERSION, HASH_SCHEME_BLAKE3, HASH_SCHEME_LEGACY_BCRYPT,
+    Command, ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,
+    KeyringEvent, LegacyKeyMigrated, EVENT_VERSION, HASH_SCHEME_BLAKE3, HASH_SCHEME_LEGACY_BCRYPT,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -96,6 +96,15 @@ pub struct KeyFacts {
 }
 
 impl KeyFacts {
+    /// Who hears about this key: its contacts, or the login email when it has none.
+    pub fn recipients(&self, login_email: Option<&str>) -> Vec<String> {
+        if self.contacts.is_empty() {
+            login_email.map(|l| vec![l.to_owned()]).unwrap_or_default()
+        } else {
+            self.contacts.clone()
+        }
+    }
+
     /// Neither revoked nor expired as of `now`.
     pub fn is_live_at(&self, now: DateTime<Utc>) -> bool {
         self.state == KeyState::Live && self.expires_at > now
@@ -325,8 +334,56 @@ impl Keyring {
                         key_id: *key_id,
                         expires_at: key.expires_at,
                         expired_at: now,
+                        recipients: key.recipients(self.login_email()),
+                        label: key.label.clone(),
+                        last_five: key.last_five.clone(),
+                        login_email: self.login_email.clone().unwrap_or_default(),
                     })]),
                 }
+            }
+            Command::SendExpiryReminder {
+                key_id,
+                stage,
+                skipping,
+            } => {
+                if !(1..=366).contains(stage) {
+                    return Err(KeyringError::InvalidStage);
+                }
+                let key = self.existing(*key_id)?;
+                if key.state == KeyState::Expired || key.expires_at <= now {
+                    return Err(KeyringError::KeyExpired(*key_id));
+                }
+                if key.reminders_sent.contains(stage) {
+                    // Sent or skipped already: decided once, nothing more to record.
+                    return Ok(vec![]);
+                }
+                let due_at = key.expires_at - Duration::days(i64::from(*stage));
+                if now < due_at {
+                    return Err(KeyringError::ReminderNotDue {
+                        key_id: *key_id,
+                        stage: *stage,
+                        due_at,
+                    });
+                }
+                let mut skipped: Vec<u32> = skipping
+                    .iter()
+                    .copied()
+                    .filter(|s| *s > *stage && !key.reminders_sent.contains(s))
+                    .collect();
+                skipped.sort_unstable_by(|a, b| b.cmp(a));
+                skipped.dedup();
+                Ok(vec![KeyringEvent::ExpiryReminderDue(ExpiryReminderDue {
+                    command_id,
+                    key_id: *key_id,
+                    stage: *stage,
+                    recipients: key.recipients(self.login_email()),
+                    expires_at: key.expires_at,
+                    due_at,
+                    skipped_stages: skipped,
+                    label: key.label.clone(),
+                    last_five: key.last_five.clone(),
+                    login_email: self.login_email.clone().unwrap_or_default(),
+                })])
             }
             Command::MigrateLegacyKey {
                 login_email,
@@ -482,6 +539,7 @@ impl Aggregate for Keyring {
                 self.record(e.command_id, e.key_id);
                 if let Some(k) = self.keys.get_mut(&e.key_id) {
                     k.reminders_sent.insert(e.stage);
+                    k.reminders_sent.extend(e.skipped_stages);
                 }
             }
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use cqrs_es::test::TestFramework;
 use keyledger_events::{
-    Command, ContactsUpdated, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated, KeyringEvent,
-    LegacyKeyMigrated, HASH_SCHEME_BLAKE3, HASH_SCHEME_LEGACY_BCRYPT,
+    Command, ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,
+    KeyringEvent, LegacyKeyMigrated, HASH_SCHEME_BLAKE3, HASH_SCHEME_LEGACY_BCRYPT,
 };
 use uuid::Uuid;
 
@@ -441,6 +441,10 @@ async fn expire_only_at_or_after_expiry_and_harmless_when_repeated() {
         key_id: id(10),
         expires_at: expiry,
         expired_at: expiry,
+        recipients: vec!["ops@agency.gov.sg".into()],
+        label: "p".into(),
+        last_five: material(10).last_five,
+        login_email: LOGIN.into(),
     }));
     TestFramework::<Keyring>::with(services_at(expiry, Policy::default()))
         .given(vec![generated(1, 10, "p", t0())])
@@ -544,4 +548,114 @@ fn a_handled_command_is_remembered_with_its_sequences() {
     assert_eq!(o.sequences, vec![2, 3]);
     assert_eq!(o.key_id, Some(id(11)));
     assert!(k.prior_outcome(id(3)).is_none());
+}
+
+fn remind(cmd: u128, stage: u32, skipping: &[u32]) -> KeyringCommand {
+    plain(
+        cmd,
+        Command::SendExpiryReminder {
+            key_id: id(10),
+            stage,
+            skipping: skipping.to_vec(),
+        },
+    )
+}
+
+fn reminder_due(cmd: u128, stage: u32, skipped: &[u32], recipients: &[&str]) -> StoredEvent {
+    let expiry = Policy::default().expiry_for(t0());
+    StoredEvent(KeyringEvent::ExpiryReminderDue(ExpiryReminderDue {
+        command_id: id(cmd),
+        key_id: id(10),
+        stage,
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        expires_at: expiry,
+        due_at: expiry - Duration::days(i64::from(stage)),
+        skipped_stages: skipped.to_vec(),
+        label: "p".into(),
+        last_five: material(10).last_five,
+        login_email: LOGIN.into(),
+    }))
+}
+
+fn framework_days_before_expiry(days: i64) -> TestFramework<Keyring> {
+    framework_at(Policy::default().expiry_for(t0()) - Duration::days(days))
+}
+
+#[tokio::test]
+async fn a_due_reminder_is_decided_once_to_the_contacts_of_that_moment() {
+    let contacts_now = StoredEvent(KeyringEvent::ContactsUpdated(ContactsUpdated {
+        command_id: id(2),
+        key_id: id(10),
+        contacts: vec!["new@agency.gov.sg".into()],
+        updated_at: t0(),
+    }));
+    framework_days_before_expiry(28)
+        .given(vec![generated(1, 10, "p", t0()), contacts_now.clone()])
+        .when_async(remind(3, 28, &[]))
+        .await
+        .then_expect_events(vec![reminder_due(3, 28, &[], &["new@agency.gov.sg"])]);
+    // Again, under another command id: already decided, nothing new.
+    framework_days_before_expiry(27)
+        .given(vec![
+            generated(1, 10, "p", t0()),
+            contacts_now,
+            reminder_due(3, 28, &[], &["new@agency.gov.sg"]),
+        ])
+        .when_async(remind(4, 28, &[]))
+        .await
+        .then_expect_events(vec![]);
+}
+
+#[tokio::test]
+async fn a_reminder_is_refused_before_its_stage_falls_due() {
+    let expiry = Policy::default().expiry_for(t0());
+    framework_days_before_expiry(29)
+        .given(vec![generated(1, 10, "p", t0())])
+        .when_async(remind(3, 28, &[]))
+        .await
+        .then_expect_error(KeyringError::ReminderNotDue {
+            key_id: id(10),
+            stage: 28,
+            due_at: expiry - Duration::days(28),
+        });
+    framework_days_before_expiry(29)
+        .given(vec![generated(1, 10, "p", t0())])
+        .when_async(remind(3, 0, &[]))
+        .await
+        .then_expect_error(KeyringError::InvalidStage);
+}
+
+#[tokio::test]
+async fn no_reminder_for_a_revoked_or_expired_key() {
+    framework_days_before_expiry(2)
+        .given(vec![generated(1, 10, "p", t0()), revoked(2, 10, t0())])
+        .when_async(remind(3, 3, &[]))
+        .await
+        .then_expect_error(KeyringError::KeyRevoked(id(10)));
+    framework_days_before_expiry(-1)
+        .given(vec![generated(1, 10, "p", t0())])
+        .when_async(remind(3, 1, &[]))
+        .await
+        .then_expect_error(KeyringError::KeyExpired(id(10)));
+}
+
+#[tokio::test]
+async fn after_downtime_the_latest_stage_is_sent_and_the_earlier_ones_skipped() {
+    framework_days_before_expiry(2)
+        .given(vec![
+            generated(1, 10, "p", t0()),
+            reminder_due(2, 28, &[], &["ops@agency.gov.sg"]),
+        ])
+        .when_async(remind(3, 3, &[28, 14]))
+        .await
+        .then_expect_events(vec![reminder_due(3, 3, &[14], &["ops@agency.gov.sg"])]);
+    // A skipped stage is never sent later.
+    framework_days_before_expiry(2)
+        .given(vec![
+            generated(1, 10, "p", t0()),
+            reminder_due(3, 3, &[28, 14], &["ops@agency.gov.sg"]),
+        ])
+        .when_async(remind(4, 14, &[]))
+        .await
+        .then_expect_events(vec![]);
 }

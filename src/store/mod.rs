@@ -7,6 +7,7 @@
 
 pub mod offsets;
 mod postgres;
+pub mod reactions;
 mod sqlite;
 
 use std::collections::HashMap;

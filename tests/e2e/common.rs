@@ -140,6 +140,7 @@ pub fn settings_with(
         legacy_salt: None,
         bus,
         roles,
+        reminders: Default::default(),
     };
     Settings::resolve(inputs).expect("valid settings").0
 }
@@ -151,6 +152,7 @@ pub struct TestApp {
     pub backing: Backing,
     pub bus: Option<BusConfig>,
     pub roles: Roles,
+    pub settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -175,8 +177,15 @@ impl TestApp {
         bus: Option<BusConfig>,
         roles: Roles,
     ) -> Self {
+        let settings = settings_with(&backing, policy, bus, roles);
+        Self::spawn_settings(backing, settings).await
+    }
+
+    /// The service as `settings` say (a manual clock, reminders, …).
+    pub async fn spawn_settings(backing: Backing, settings: Settings) -> Self {
         capture_logs();
-        let app = Application::build(settings_with(&backing, policy, bus.clone(), roles))
+        let (bus, roles) = (settings.bus.clone(), settings.roles);
+        let app = Application::build(settings.clone())
             .await
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
@@ -190,6 +199,7 @@ impl TestApp {
             backing,
             bus,
             roles,
+            settings,
             stop: Some(tx),
             task: Some(task),
         }
@@ -198,13 +208,7 @@ impl TestApp {
     /// Stops the server (graceful) and starts a new one on the same data.
     pub async fn restart(mut self) -> Self {
         self.shutdown().await;
-        Self::spawn_full(
-            self.backing.clone(),
-            Policy::default(),
-            self.bus.clone(),
-            self.roles,
-        )
-        .await
+        Self::spawn_settings(self.backing.clone(), self.settings.clone()).await
     }
 
     pub async fn shutdown(&mut self) {

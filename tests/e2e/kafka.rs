@@ -104,9 +104,20 @@ pub fn read_until(topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bo
 
 /// The service as a real process (so it can be SIGKILLed).
 pub async fn spawn_process(database_url: &str, bus: &BusConfig, roles: &str) -> Child {
+    spawn_process_env(database_url, bus, roles, &[]).await
+}
+
+/// As [`spawn_process`], with more environment.
+pub async fn spawn_process_env(
+    database_url: &str,
+    bus: &BusConfig,
+    roles: &str,
+    env: &[(&str, String)],
+) -> Child {
     let _ = Roles::parse(roles).expect("valid roles");
     Command::new(env!("CARGO_BIN_EXE_keyledger"))
         .arg("serve")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("KEYLEDGER_DATABASE_URL", database_url)
         .env("KEYLEDGER_PEPPER", PEPPER)
         .env("KEYLEDGER_API_TOKEN", TOKEN)

@@ -12,3 +12,5 @@ mod concurrency;
 mod kafka;
 mod legacy;
 mod lifecycle;
+mod reminders;
+mod smtp;

@@ -1,0 +1,165 @@
+//! The saga's two loops: keeping the schedule from the event log, and firing what is due.
+//!
+//! Keeping: each batch of events (from the events topic, or from the event store when
+//! there is no bus) updates the schedule and moves the saga's checkpoints in one
+//! transaction. Firing: every tick, the keys with a stage due by the service's clock get
+//! SendExpiryReminder or ExpireKey through the command handler. Command ids derive from
+//! key and stage, so two saga instances, or a firing repeated after a crash, record one
+//! event; a stage is taken off the schedule only when its event comes back from the log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::schedule::{KeySchedule, Stages};
+use crate::domain::{AccountId, Clock};
+use crate::handler::{CommandHandler, HandleError, Request};
+use crate::store::reactions::{Effect, Reactions};
+use crate::store::{Store, StoreError, StoredRecord};
+
+/// The saga's consumer name (checkpoints, offsets, consumer group).
+pub const SAGA: &str = "keyledger-saga";
+
+/// How long a fired command is not repeated while its event makes its way back.
+const REFIRE_AFTER: Duration = Duration::from_secs(5);
+/// Most keys fired per tick.
+const PER_TICK: i64 = 500;
+
+pub struct Saga {
+    reactions: Reactions,
+    stages: Stages,
+}
+
+impl Saga {
+    pub fn new(reactions: Reactions, stages: Stages) -> Self {
+        Self { reactions, stages }
+    }
+
+    /// Applies a batch of events to the schedule (see [`Reactions::apply`]).
+    pub async fn apply(
+        &self,
+        store: &Store,
+        by_account: &[(String, Vec<StoredRecord>)],
+        offsets: Option<(&str, &[(i32, i64)])>,
+    ) -> Result<(), StoreError> {
+        self.reactions
+            .apply(
+                store,
+                SAGA,
+                by_account,
+                &Effect::Schedule(&self.stages),
+                offsets,
+            )
+            .await
+    }
+
+    /// The keys with something due by `until`, optionally of one account.
+    pub async fn upcoming(
+        &self,
+        until: chrono::DateTime<chrono::Utc>,
+        account: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<KeySchedule>, StoreError> {
+        self.reactions.schedules_due(until, account, limit).await
+    }
+}
+
+/// Fires due stages every `tick` until stopped.
+pub struct Firing {
+    pub saga: Arc<Saga>,
+    pub handler: Arc<CommandHandler>,
+    pub clock: Arc<dyn Clock>,
+    pub tick: Duration,
+}
+
+impl Firing {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut fired: HashMap<Uuid, Instant> = HashMap::new();
+        let mut interval = tokio::time::interval(self.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if let Err(e) = self.fire_due(&mut fired).await {
+                tracing::warn!(error = %e, "reminder saga cannot read its schedule; retrying");
+            }
+        }
+        tracing::info!(part = "reminder saga", "stopped");
+    }
+
+    /// One round: every key with a due stage gets its command, unless it was fired a
+    /// moment ago and its event is still on its way back.
+    pub async fn fire_due(&self, fired: &mut HashMap<Uuid, Instant>) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        fired.retain(|_, at| at.elapsed() < REFIRE_AFTER);
+        let due = self.saga.upcoming(now, None, PER_TICK).await?;
+        let mut issued = 0;
+        for schedule in due {
+            let Some(action) = schedule.action(now) else {
+                continue;
+            };
+            let (command_id, command) = action.command(schedule.key_id);
+            if fired.contains_key(&command_id) {
+                continue;
+            }
+            fired.insert(command_id, Instant::now());
+            let Ok(account_id) = AccountId::parse(&schedule.account_id) else {
+                tracing::error!(account_id = %schedule.account_id, "schedule names an invalid account");
+                continue;
+            };
+            let request = Request {
+                account_id,
+                command_id,
+                issued_by: "reminder-saga".into(),
+                command,
+            };
+            issued += 1;
+            match self.handler.execute(request).await {
+                Ok(outcome) => tracing::info!(
+                    account_id = %schedule.account_id,
+                    key_id = %schedule.key_id,
+                    action = ?action,
+                    status = ?outcome.status,
+                    "reminder saga fired"
+                ),
+                // The key was revoked, expired or is gone: its event removes the schedule.
+                Err(HandleError::Rejected(e)) => tracing::info!(
+                    account_id = %schedule.account_id,
+                    key_id = %schedule.key_id,
+                    action = ?action,
+                    code = e.code(),
+                    "reminder saga: the keyring declined"
+                ),
+                Err(e) => {
+                    fired.remove(&command_id);
+                    tracing::warn!(key_id = %schedule.key_id, error = %e, "reminder saga cannot fire; retrying");
+                }
+            }
+        }
+        Ok(issued)
+    }
+}
+
+impl crate::feed::Reaction for Saga {
+    fn name(&self) -> &'static str {
+        SAGA
+    }
+
+    fn reactions(&self) -> &Reactions {
+        &self.reactions
+    }
+
+    fn apply<'a>(
+        &'a self,
+        store: &'a Store,
+        by_account: &'a [(String, Vec<StoredRecord>)],
+        offsets: Option<(&'a str, &'a [(i32, i64)])>,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
+        Saga::apply(self, store, by_account, offsets)
+    }
+}
