@@ -181,6 +181,10 @@ impl Application {
             tasks.push(tokio::spawn(notifier.send_loop(stopped.clone())));
         }
         let state = AppState {
+            bus: match &settings.bus {
+                Some(bus) => Some(bus.probe()?),
+                None => None,
+            },
             saga,
             handler,
             read_side,

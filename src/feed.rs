@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::bus::projector::consume_batches;
 use crate::bus::{supervise, BusConfig};
-use crate::store::reactions::Reactions;
+use crate::store::reactions::{Effect, Reactions};
 use crate::store::{Store, StoreError, StoredRecord, REPLAY_PAGE};
 
 /// Something that reacts to the event log, idempotently per (account, sequence).
@@ -26,13 +26,22 @@ pub trait Reaction: Send + Sync + 'static {
 
     fn reactions(&self) -> &Reactions;
 
+    /// What an event does here.
+    fn effect(&self) -> Effect<'_>;
+
     /// Applies a batch (each account's records in order), storing `offsets` with it.
     fn apply<'a>(
         &'a self,
         store: &'a Store,
         by_account: &'a [(String, Vec<StoredRecord>)],
         offsets: Option<(&'a str, &'a [(i32, i64)])>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+        async move {
+            self.reactions()
+                .apply(store, self.name(), by_account, &self.effect(), offsets)
+                .await
+        }
+    }
 }
 
 /// Feeds `reaction` from the events topic until stopped, through outages.

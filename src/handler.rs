@@ -116,7 +116,25 @@ impl CommandHandler {
         &self.locks[(h.finish() as usize) % LOCK_STRIPES]
     }
 
+    /// Executes `request`: decided by the keyring, committed, fed to the read side.
     pub async fn execute(&self, request: Request) -> Result<Outcome, HandleError> {
+        let kind = request.command.command_type().as_str();
+        let result = self.execute_once(request).await;
+        let outcome = match &result {
+            Ok(o) if o.status == Status::Duplicate => "duplicate",
+            Ok(_) => "accepted",
+            Err(HandleError::Rejected(_)) => "rejected",
+            Err(_) => "unavailable",
+        };
+        crate::metrics::metrics().count(
+            "keyledger_commands_total",
+            &[("type", kind), ("outcome", outcome)],
+            1,
+        );
+        result
+    }
+
+    async fn execute_once(&self, request: Request) -> Result<Outcome, HandleError> {
         let _serialised = self.lock_for(&request.account_id).lock().await;
         let account = request.account_id.as_str();
         for attempt in 0..MAX_ATTEMPTS {

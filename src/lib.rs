@@ -13,12 +13,16 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod drill;
 pub mod feed;
 pub mod handler;
 pub mod http;
 pub mod keyring;
 pub mod loadgen;
+pub mod metrics;
 pub mod notify;
+#[cfg(test)]
+mod properties;
 pub mod read_side;
 pub mod reminders;
 pub mod store;

@@ -33,6 +33,11 @@ async fn main() -> ExitCode {
             Ok(_) => Ok(()),
             Err(e) => Err(e),
         },
+        Commands::Drill(a) => match drill(a).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Commands::Bench {
             what:
                 BenchWhat::Audit {
@@ -158,4 +163,21 @@ async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
     open_store(&settings).await?;
     eprintln!("schema is up to date");
     Ok(())
+}
+
+async fn drill(a: keyledger::cli::DrillArgs) -> anyhow::Result<bool> {
+    let mut bus = BusConfig::new(a.kafka_brokers);
+    bus.topic_prefix = a.topic_prefix;
+    let (report, pass) = keyledger::drill::load(keyledger::drill::DrillSettings {
+        database_url: a.database_url,
+        bus,
+        commands: a.commands,
+        accounts: a.accounts.max(1),
+        rate: a.rate,
+        deadline: std::time::Duration::from_secs(a.deadline_seconds),
+        resend_after: std::time::Duration::from_secs(a.resend_after_seconds.max(1)),
+    })
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(pass)
 }

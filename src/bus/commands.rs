@@ -43,9 +43,10 @@ const WORKER_BATCH: usize = 100;
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
 
-/// Marks that partitions moved, so stored offsets are read again.
+/// Marks that partitions moved, so stored offsets are read again; and notices a member
+/// left with no partition at all.
 #[derive(Default)]
-pub struct RebalanceFlag(pub AtomicBool);
+pub struct RebalanceFlag(pub AtomicBool, std::sync::Mutex<Option<std::time::Instant>>);
 
 impl ClientContext for RebalanceFlag {}
 
@@ -53,8 +54,27 @@ impl ConsumerContext for RebalanceFlag {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions assigned");
+            *self.1.lock().unwrap_or_else(|p| p.into_inner()) =
+                (tpl.count() == 0).then(std::time::Instant::now);
         }
         self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How long a member may hold no partition before it leaves and joins again.
+pub const STRANDED_AFTER: Duration = Duration::from_secs(15);
+
+impl RebalanceFlag {
+    /// True when the last rebalance gave this member no partition, `after` ago or more.
+    /// tansu 0.6 can leave the surviving member of a group with an empty assignment once a
+    /// killed member's session expires, and never rebalances again; a fresh member (a new
+    /// consumer) gets the partitions. A member that is legitimately idle (more members than
+    /// partitions) merely rejoins now and then.
+    pub fn stranded(&self, after: Duration) -> bool {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|since| since.elapsed() >= after)
     }
 }
 
@@ -192,6 +212,9 @@ impl CommandConsumer {
                     Ok(Ok(m)) => m,
                     Ok(Err(e)) => break Err(BusError::Kafka(e)),
                     Err(_) => {
+                        if consumer.context().stranded(STRANDED_AFTER) {
+                            break Err(BusError::Topic(topic.clone(), "no partition assigned; joining the group again".into()));
+                        }
                         if in_flight.load(Ordering::SeqCst) == 0 {
                             if let Err(e) = self.unstick(&consumer, &mut positions, &topic).await {
                                 break Err(e);
@@ -370,6 +393,11 @@ impl CommandConsumer {
             };
             let bytes = serde_json::to_vec(&dead).unwrap_or_default();
             let dlq = self.bus.dead_letters_topic();
+            crate::metrics::metrics().count(
+                "keyledger_dead_letters_total",
+                &[("reason", "unfetchable")],
+                1,
+            );
             self.producer
                 .send(
                     FutureRecord::<str, _>::to(&dlq).payload(&bytes),
@@ -508,6 +536,12 @@ impl CommandConsumer {
             }
             Reply::DeadLetter(d) => {
                 tracing::warn!(partition = d.partition, offset = d.offset, reason = %d.reason, "dead letter");
+                let kind = d.reason.split(':').next().unwrap_or("other");
+                crate::metrics::metrics().count(
+                    "keyledger_dead_letters_total",
+                    &[("reason", kind)],
+                    1,
+                );
                 let key = message
                     .key()
                     .map(|k| String::from_utf8_lossy(k).into_owned())

@@ -100,7 +100,10 @@ impl BusConfig {
         c
     }
 
-    /// An idempotent producer (acks=all, ordered retries). Never transactional.
+    /// An idempotent producer (acks=all, ordered retries). Never transactional. A record
+    /// waits up to 10 minutes for the brokers: through an outage it is delivered late, not
+    /// timed out (a timed-out batch also makes librdkafka bump the producer epoch, which
+    /// tansu 0.6 cannot follow: its storage task panics on the next produce).
     /// `linger_ms`: how long a record may wait to share a batch (latency against
     /// throughput: 0 for answers someone waits on, a few ms for the relay's bulk).
     pub fn producer(&self, linger_ms: u32) -> Result<FutureProducer, BusError> {
@@ -108,7 +111,7 @@ impl BusConfig {
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", linger_ms.to_string())
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", "600000")
             .set("message.max.bytes", "16777216");
         for (k, v) in &self.overrides {
             c.set(k, v);
@@ -148,6 +151,15 @@ impl BusConfig {
         }
         consumer.assign(&tpl)?;
         Ok(consumer)
+    }
+
+    /// A client for health checks: [`BusProbe::ping`] asks the brokers for metadata.
+    pub fn probe(&self) -> Result<BusProbe, BusError> {
+        let consumer: rdkafka::consumer::BaseConsumer = self.client_config().create()?;
+        Ok(BusProbe {
+            consumer: std::sync::Arc::new(consumer),
+            topic: self.events_topic(),
+        })
     }
 
     /// Creates keyledger's topics when missing.
@@ -198,6 +210,28 @@ where
         }
     }
     tracing::info!(part, "stopped");
+}
+
+/// Answers whether the brokers answer (readiness).
+#[derive(Clone)]
+pub struct BusProbe {
+    consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    topic: String,
+}
+
+impl BusProbe {
+    /// Metadata of the events topic within `timeout`, off the async threads.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

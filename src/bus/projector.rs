@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use keyledger_events::{EventEnvelope, KeyringEvent};
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -98,7 +98,15 @@ where
     let mut positions = Positions::new(group, &topic);
     loop {
         let first = tokio::select! {
-            m = consumer.recv() => m?,
+            m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
+                Ok(m) => m?,
+                Err(_) => {
+                    if consumer.context().stranded(super::commands::STRANDED_AFTER) {
+                        return Err(BusError::Topic(topic, "no partition assigned; joining the group again".into()));
+                    }
+                    continue;
+                }
+            },
             _ = stop.changed() => return Ok(()),
         };
         // Gather what arrives within a short window, up to a batch: a steady trickle
@@ -144,6 +152,14 @@ where
             records.dedup_by_key(|r| r.sequence);
         }
         apply(by_account, next.clone()).await?;
+        if let Some(ms) = messages.last().and_then(|m| m.timestamp().to_millis()) {
+            let lag = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+            crate::metrics::metrics().set(
+                "keyledger_consumer_lag_seconds",
+                &[("consumer", group)],
+                lag,
+            );
+        }
         for (p, n) in next {
             positions.advance(p, n);
         }

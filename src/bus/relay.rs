@@ -95,6 +95,11 @@ impl Relay {
             // Still the leader? (The lock lives as long as this connection.)
             sqlx::query("SELECT 1").execute(&mut *lock).await?;
             let published = self.publish_batch(&mut heads).await?;
+            crate::metrics::metrics().count(
+                "keyledger_events_published_total",
+                &[],
+                published as u64,
+            );
             if published == 0 {
                 tokio::select! {
                     _ = listener.recv() => {}

@@ -73,6 +73,9 @@ pub enum Commands {
     Audit(AuditArgs),
     /// The reminder saga's schedule, through a running server's HTTP API.
     Reminders(RemindersArgs),
+    /// A fault drill's load and verdict (see drills/): commands over the bus, every one
+    /// followed to its result, then checked against the store. Exit 1 when a promise broke.
+    Drill(DrillArgs),
     /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
     Bench {
         #[command(subcommand)]
@@ -130,6 +133,33 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// The PostgreSQL of the running keyledger.
+    #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The Kafka of the running keyledger.
+    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
+    pub topic_prefix: String,
+    /// Commands to send.
+    #[arg(long, default_value_t = 10_000)]
+    pub commands: usize,
+    /// Accounts they are spread over (at most 50 keys each).
+    #[arg(long, default_value_t = 400)]
+    pub accounts: usize,
+    /// Commands per second.
+    #[arg(long, default_value_t = 400.0)]
+    pub rate: f64,
+    /// Seconds to wait for every result before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub deadline_seconds: u64,
+    /// Seconds without a result before a command is sent again.
+    #[arg(long, default_value_t = 30)]
+    pub resend_after_seconds: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,6 +3,7 @@
 
 mod error;
 mod extract;
+mod health;
 mod keys;
 pub mod reminders;
 mod verify;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub token_hash: blake3::Hash,
     pub saga: Arc<crate::reminders::saga::Saga>,
+    /// Set when the bus is on: readiness asks the brokers.
+    pub bus: Option<crate::bus::BusProbe>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -66,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .merge(protected)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -22,6 +22,7 @@ pub async fn verify(
     ApiJson(body): ApiJson<VerifyBody>,
 ) -> Result<Json<Value>, ApiError> {
     let now = state.clock.now();
+    let started = std::time::Instant::now();
     let mut outcome = state
         .read_side
         .verify(&body.api_key, body.from.as_deref(), now);
@@ -34,6 +35,13 @@ pub async fn verify(
         .await
         .unwrap_or(Err(Rejection::Unknown));
     }
+    crate::metrics::metrics().verified(
+        match &outcome {
+            Ok(_) => "valid",
+            Err(r) => r.as_str(),
+        },
+        started.elapsed(),
+    );
     Ok(Json(match outcome {
         Ok(valid) => {
             tracing::debug!(account_id = %valid.account_id, key_id = %valid.key_id, "key verified");

@@ -19,9 +19,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
 use super::render::Templates;
-use crate::bus::relay::event_id;
 use crate::store::reactions::{wall_ms, Effect, Marked, Pending, Reactions};
-use crate::store::{Store, StoreError, StoredRecord};
+use crate::store::StoreError;
 
 /// The notifier's consumer name (checkpoints, offsets, consumer group).
 pub const NOTIFIER: &str = "keyledger-notifier";
@@ -104,31 +103,6 @@ impl Notifier {
         }
     }
 
-    /// Records the notifications a batch of events causes (see [`Reactions::apply`]).
-    pub async fn record(
-        &self,
-        store: &Store,
-        by_account: &[(String, Vec<StoredRecord>)],
-        offsets: Option<(&str, &[(i32, i64)])>,
-    ) -> Result<(), StoreError> {
-        let render = |r: &StoredRecord| {
-            self.templates.render(
-                &r.account_id,
-                event_id(&r.account_id, r.sequence),
-                &r.event,
-                self.last_stage,
-            )
-        };
-        let effect = Effect::Notify {
-            render: &render,
-            published: self.producer.is_none(),
-            deliver: self.smtp.is_some(),
-        };
-        self.reactions
-            .apply(store, NOTIFIER, by_account, &effect, offsets)
-            .await
-    }
-
     /// Publishes and delivers until stopped.
     pub async fn send_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
@@ -171,6 +145,7 @@ impl Notifier {
                         .mark(notification.notification_id, Marked::Published)
                         .await?;
                     done += 1;
+                    notified("published");
                 }
                 Err((e, _)) => {
                     tracing::warn!(error = %e, "cannot publish a notification; retrying");
@@ -219,6 +194,7 @@ impl Notifier {
                     self.reactions
                         .mark(n.notification_id, Marked::Delivered)
                         .await?;
+                    notified("delivered");
                     tracing::info!(notification_id = %n.notification_id, to = %n.to, kind = %n.kind, stage = ?n.stage, "notification delivered");
                 }
                 Err(e) => {
@@ -227,6 +203,7 @@ impl Notifier {
                     self.reactions
                         .failed(n.notification_id, retry_at, &e)
                         .await?;
+                    notified("failed");
                     tracing::warn!(notification_id = %n.notification_id, attempts = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "cannot deliver a notification; will retry");
                     // The server is likely down: do not hammer it with the rest of the batch.
                     break;
@@ -235,6 +212,10 @@ impl Notifier {
         }
         Ok(due.len())
     }
+}
+
+fn notified(what: &str) {
+    crate::metrics::metrics().count("keyledger_notifications_total", &[("state", what)], 1);
 }
 
 impl crate::feed::Reaction for Notifier {
@@ -246,13 +227,13 @@ impl crate::feed::Reaction for Notifier {
         &self.reactions
     }
 
-    fn apply<'a>(
-        &'a self,
-        store: &'a Store,
-        by_account: &'a [(String, Vec<StoredRecord>)],
-        offsets: Option<(&'a str, &'a [(i32, i64)])>,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
-        self.record(store, by_account, offsets)
+    fn effect(&self) -> Effect<'_> {
+        Effect::Notify {
+            templates: &self.templates,
+            last_stage: self.last_stage,
+            published: self.producer.is_none(),
+            deliver: self.smtp.is_some(),
+        }
     }
 }
 

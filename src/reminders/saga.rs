@@ -56,6 +56,11 @@ impl Saga {
             .await
     }
 
+    /// How many keys have a stage or their expiry due now.
+    pub async fn due_now(&self, now: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
+        self.reactions.count_due(now).await
+    }
+
     /// The keys with something due by `until`, optionally of one account.
     pub async fn upcoming(
         &self,
@@ -120,13 +125,16 @@ impl Firing {
             };
             issued += 1;
             match self.handler.execute(request).await {
-                Ok(outcome) => tracing::info!(
-                    account_id = %schedule.account_id,
-                    key_id = %schedule.key_id,
-                    action = ?action,
-                    status = ?outcome.status,
-                    "reminder saga fired"
-                ),
+                Ok(outcome) => {
+                    count_decisions(&outcome.events);
+                    tracing::info!(
+                        account_id = %schedule.account_id,
+                        key_id = %schedule.key_id,
+                        action = ?action,
+                        status = ?outcome.status,
+                        "reminder saga fired"
+                    )
+                }
                 // The key was revoked, expired or is gone: its event removes the schedule.
                 Err(HandleError::Rejected(e)) => tracing::info!(
                     account_id = %schedule.account_id,
@@ -145,6 +153,31 @@ impl Firing {
     }
 }
 
+/// Counts what the keyring recorded for the saga: stages sent and skipped, keys expired.
+fn count_decisions(events: &[keyledger_events::KeyringEvent]) {
+    use keyledger_events::KeyringEvent;
+    let m = crate::metrics::metrics();
+    for e in events {
+        match e {
+            KeyringEvent::ExpiryReminderDue(r) => {
+                m.count("keyledger_reminders_total", &[("decision", "sent")], 1);
+                let skipped = r.skipped_stages.len() as u64;
+                if skipped > 0 {
+                    m.count(
+                        "keyledger_reminders_total",
+                        &[("decision", "skipped")],
+                        skipped,
+                    );
+                }
+            }
+            KeyringEvent::KeyExpired(_) => {
+                m.count("keyledger_reminders_total", &[("decision", "expired")], 1)
+            }
+            _ => {}
+        }
+    }
+}
+
 impl crate::feed::Reaction for Saga {
     fn name(&self) -> &'static str {
         SAGA
@@ -154,12 +187,7 @@ impl crate::feed::Reaction for Saga {
         &self.reactions
     }
 
-    fn apply<'a>(
-        &'a self,
-        store: &'a Store,
-        by_account: &'a [(String, Vec<StoredRecord>)],
-        offsets: Option<(&'a str, &'a [(i32, i64)])>,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
-        Saga::apply(self, store, by_account, offsets)
+    fn effect(&self) -> Effect<'_> {
+        Effect::Schedule(&self.stages)
     }
 }

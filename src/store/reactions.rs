@@ -11,6 +11,8 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use super::{Store, StoreError, StoredRecord};
+use crate::bus::relay::event_id;
+use crate::notify::render::Templates;
 use crate::reminders::schedule::{change, scheduled_key, Change, KeySchedule, Stages};
 
 /// A notification as the outbox holds it.
@@ -189,6 +191,15 @@ macro_rules! reaction_sql {
                 rows.iter().map(|r| schedule_of(r)).collect()
             }
 
+            pub async fn count_due(c: &mut $conn, until_ms: i64) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT count(*) FROM reminder_schedule WHERE next_due_ms <= $1",
+                )
+                .bind(until_ms)
+                .fetch_one(&mut *c)
+                .await?)
+            }
+
             pub async fn insert_notification(
                 c: &mut $conn,
                 n: &Notification,
@@ -345,9 +356,12 @@ macro_rules! in_tx {
 pub enum Effect<'a> {
     /// The saga: update the schedule of each key the events name.
     Schedule(&'a Stages),
-    /// The notifier: record these notifications (already rendered, for all records).
+    /// The notifier: record the notifications each event causes, rendered from these
+    /// templates (`last_stage` says its reminder is the last); `published` when there is no
+    /// topic to publish them on, `deliver` when SMTP is to send them.
     Notify {
-        render: &'a (dyn Fn(&StoredRecord) -> Vec<Notification> + Sync),
+        templates: &'a Templates,
+        last_stage: Option<u32>,
         published: bool,
         deliver: bool,
     },
@@ -429,11 +443,14 @@ impl Reactions {
                             }
                         }
                         Effect::Notify {
-                            render,
+                            templates,
+                            last_stage,
                             published,
                             deliver,
                         } => {
-                            for n in render(record) {
+                            let event_id = event_id(&record.account_id, record.sequence);
+                            for n in templates.render(account, event_id, &record.event, *last_stage)
+                            {
                                 sql::insert_notification(c, &n, now_ms, *published, *deliver)
                                     .await?;
                             }
@@ -461,6 +478,12 @@ impl Reactions {
         let until = until.timestamp_millis();
         in_tx!(self, |c, sql| sql::schedules_due(c, until, account, limit)
             .await?)
+    }
+
+    /// How many keys have something due at or before `until`.
+    pub async fn count_due(&self, until: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
+        let until = until.timestamp_millis();
+        in_tx!(self, |c, sql| sql::count_due(c, until).await?)
     }
 
     pub async fn unpublished(&self, limit: i64) -> Result<Vec<Pending>, StoreError> {

@@ -12,5 +12,6 @@ mod concurrency;
 mod kafka;
 mod legacy;
 mod lifecycle;
+mod observability;
 mod reminders;
 mod smtp;

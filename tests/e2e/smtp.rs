@@ -27,6 +27,12 @@ impl Mail {
         })
     }
 
+    /// The text after the headers, with quoted-printable soft line breaks undone.
+    pub fn body(&self) -> String {
+        let body = self.data.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        body.replace("=\r\n", "").replace("=3D", "=")
+    }
+
     pub fn subject(&self) -> String {
         self.header("Subject").unwrap_or_default()
     }
