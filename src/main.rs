@@ -48,11 +48,9 @@ async fn main() -> ExitCode {
         Commands::Bench {
             what: BenchWhat::Commands(a),
         } => {
-            let mut bus = BusConfig::new(a.kafka_brokers);
-            bus.topic_prefix = a.topic_prefix;
             keyledger::loadgen::run(keyledger::loadgen::LoadSettings {
-                database_url: a.database_url,
-                bus,
+                bus: a.target.bus(),
+                database_url: a.target.database_url,
                 commands: a.count,
                 accounts: a.accounts.max(1),
                 raw: a.raw,
@@ -166,11 +164,9 @@ async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
 }
 
 async fn drill(a: keyledger::cli::DrillArgs) -> anyhow::Result<bool> {
-    let mut bus = BusConfig::new(a.kafka_brokers);
-    bus.topic_prefix = a.topic_prefix;
     let (report, pass) = keyledger::drill::load(keyledger::drill::DrillSettings {
-        database_url: a.database_url,
-        bus,
+        bus: a.target.bus(),
+        database_url: a.target.database_url,
         commands: a.commands,
         accounts: a.accounts.max(1),
         rate: a.rate,

@@ -62,7 +62,7 @@ impl ConsumerContext for RebalanceFlag {
 }
 
 /// How long a member may hold no partition before it leaves and joins again.
-pub const STRANDED_AFTER: Duration = Duration::from_secs(15);
+pub const STRANDED_AFTER: Duration = Duration::from_secs(5);
 
 impl RebalanceFlag {
     /// True when the last rebalance gave this member no partition, `after` ago or more.
@@ -89,7 +89,7 @@ pub fn group_consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "100")
         // Records up to 64 MiB are fetched (a broker that does not return a record larger

@@ -135,8 +135,9 @@ pub enum BenchWhat {
     },
 }
 
+/// A running keyledger's PostgreSQL and Kafka, for the load tools.
 #[derive(Debug, Clone, Args)]
-pub struct DrillArgs {
+pub struct TargetArgs {
     /// The PostgreSQL of the running keyledger.
     #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -145,6 +146,21 @@ pub struct DrillArgs {
     pub kafka_brokers: String,
     #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
     pub topic_prefix: String,
+}
+
+impl TargetArgs {
+    /// The bus configuration of the target (its brokers and topic prefix).
+    pub fn bus(&self) -> BusConfig {
+        let mut bus = BusConfig::new(self.kafka_brokers.clone());
+        bus.topic_prefix = self.topic_prefix.clone();
+        bus
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Commands to send.
     #[arg(long, default_value_t = 10_000)]
     pub commands: usize,
@@ -164,14 +180,8 @@ pub struct DrillArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchCommandsArgs {
-    /// The PostgreSQL of the running keyledger.
-    #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-    /// The Kafka of the running keyledger.
-    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
-    pub kafka_brokers: String,
-    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
-    pub topic_prefix: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// GenerateKey commands at full speed (half as many again, paced).
     #[arg(long, default_value_t = 2000)]
     pub count: usize,

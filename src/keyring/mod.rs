@@ -92,7 +92,10 @@ pub struct KeyFacts {
     pub legacy: bool,
     pub rotated_from: Option<Uuid>,
     pub rotated_to: Option<Uuid>,
+    /// Reminder stages decided (sent or skipped).
     pub reminders_sent: BTreeSet<u32>,
+    /// Since when keyledger holds the key: its creation, or its migration for a legacy key.
+    pub held_since: DateTime<Utc>,
 }
 
 impl KeyFacts {
@@ -334,7 +337,13 @@ impl Keyring {
                         key_id: *key_id,
                         expires_at: key.expires_at,
                         expired_at: now,
-                        recipients: key.recipients(self.login_email()),
+                        // A legacy key migrated after its expiry was never live here:
+                        // recorded expired, but nobody is told it "has expired" now.
+                        recipients: if key.expires_at <= key.held_since {
+                            Vec::new()
+                        } else {
+                            key.recipients(self.login_email())
+                        },
                         label: key.label.clone(),
                         last_five: key.last_five.clone(),
                         login_email: self.login_email.clone().unwrap_or_default(),
@@ -481,6 +490,7 @@ impl Aggregate for Keyring {
                         rotated_from: e.rotated_from,
                         rotated_to: None,
                         reminders_sent: BTreeSet::new(),
+                        held_since: e.created_at,
                     },
                 );
             }
@@ -504,6 +514,7 @@ impl Aggregate for Keyring {
                         rotated_from: None,
                         rotated_to: None,
                         reminders_sent: BTreeSet::new(),
+                        held_since: e.migrated_at,
                     },
                 );
             }

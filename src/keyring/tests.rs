@@ -497,11 +497,29 @@ async fn migrate_legacy_key_once() {
         .await
         .then_expect_events(vec![migrated.clone()]);
     expect_error(
-        vec![migrated],
+        vec![migrated.clone()],
         migrate(2, 11, &legacy_hash()),
         KeyringError::LegacyAlreadyMigrated(id(10)),
     )
     .await;
+    // Migrated after its fixed expiry: recorded expired at once, and nobody is told.
+    framework_at(t0())
+        .given(vec![migrated])
+        .when_async(plain(3, Command::ExpireKey { key_id: id(10) }))
+        .await
+        .then_expect_events(vec![StoredEvent(KeyringEvent::KeyExpired(KeyExpired {
+            command_id: id(3),
+            key_id: id(10),
+            expires_at: Utc
+                .with_ymd_and_hms(2024, 4, 21, 0, 0, 0)
+                .single()
+                .expect("t"),
+            expired_at: t0(),
+            recipients: vec![],
+            label: "default".into(),
+            last_five: "*****".into(),
+            login_email: LOGIN.into(),
+        }))]);
 }
 
 #[tokio::test]

@@ -509,7 +509,8 @@ async fn count(db: &mut PgConnection, sql: &str) -> i64 {
 }
 
 async fn until_count(db: &mut PgConnection, sql: &str, at_least: i64) {
-    for _ in 0..300 {
+    // A restarted member may wait out the killed one's session and a rejoin.
+    for _ in 0..600 {
         if count(db, sql).await >= at_least {
             return;
         }
