@@ -106,6 +106,92 @@ pub fn group_consumer(
     Ok(consumer)
 }
 
+/// How often a consumer looks for partitions nobody consumes, and how long one may stand
+/// still with records waiting before the consumer leaves and joins the group again.
+const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
+const ORPHANED_AFTER: Duration = Duration::from_secs(20);
+
+/// Notices partitions of the topic that no member of the group consumes: not assigned to
+/// this member, records waiting past the group's stored offset, and that offset standing
+/// still. tansu 0.6 keeps a killed member in the group with its partitions; joining again
+/// makes the coordinator hand them out anew.
+pub struct OrphanWatch {
+    checked: std::time::Instant,
+    suspect: Option<(std::time::Instant, Vec<(i32, i64)>)>,
+}
+
+impl Default for OrphanWatch {
+    fn default() -> Self {
+        Self {
+            checked: std::time::Instant::now(),
+            suspect: None,
+        }
+    }
+}
+
+impl OrphanWatch {
+    /// Cheap unless a check is due; an error asks the caller to join the group again.
+    pub async fn check(
+        &mut self,
+        pool: &PgPool,
+        consumer: &StreamConsumer<RebalanceFlag>,
+        group: &str,
+        topic: &str,
+    ) -> Result<(), BusError> {
+        if self.checked.elapsed() < ORPHAN_CHECK_EVERY {
+            return Ok(());
+        }
+        self.checked = std::time::Instant::now();
+        // Brief blocking calls to the broker; when it cannot answer, nothing is concluded.
+        let highs = || -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
+            let assigned: std::collections::HashSet<i32> = consumer
+                .assignment()?
+                .elements()
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(1))?;
+            let mut highs = Vec::new();
+            for t in metadata.topics() {
+                for p in t
+                    .partitions()
+                    .iter()
+                    .filter(|p| !assigned.contains(&p.id()))
+                {
+                    let (_, high) =
+                        consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(1))?;
+                    highs.push((p.id(), high));
+                }
+            }
+            Ok(highs)
+        };
+        let Ok(highs) = highs() else {
+            return Ok(());
+        };
+        let mut behind = Vec::new();
+        for (partition, high) in highs {
+            let stored = offsets::load(pool, group, topic, partition).await?;
+            if stored < high {
+                behind.push((partition, stored));
+            }
+        }
+        match &self.suspect {
+            _ if behind.is_empty() => self.suspect = None,
+            Some((since, before)) if *before == behind => {
+                if since.elapsed() >= ORPHANED_AFTER {
+                    let partitions: Vec<i32> = behind.iter().map(|(p, _)| *p).collect();
+                    return Err(BusError::Topic(
+                        topic.to_owned(),
+                        format!("partitions {partitions:?} are consumed by no member; joining the group again"),
+                    ));
+                }
+            }
+            _ => self.suspect = Some((std::time::Instant::now(), behind)),
+        }
+        Ok(())
+    }
+}
+
 /// Positions read from PostgreSQL, invalidated on rebalance.
 pub struct Positions {
     consumer: String,
@@ -206,7 +292,14 @@ impl CommandConsumer {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let mut workers: HashMap<i32, (mpsc::Sender<OwnedMessage>, JoinHandle<()>)> =
             HashMap::new();
+        let mut orphans = OrphanWatch::default();
         let result = loop {
+            if let Err(e) = orphans
+                .check(&self.pool, &consumer, &self.bus.commands_group, &topic)
+                .await
+            {
+                break Err(e);
+            }
             let message = tokio::select! {
                 m = tokio::time::timeout(IDLE, consumer.recv()) => match m {
                     Ok(Ok(m)) => m,
