@@ -13,15 +13,8 @@ CREATE TABLE reminder_schedule
 CREATE INDEX reminder_schedule_due ON reminder_schedule (next_due_ms);
 CREATE INDEX reminder_schedule_account ON reminder_schedule (account_id);
 
--- Per consumer of the event log (the saga, the notifier) and account: the last sequence
--- applied, so a republished or replayed event is applied once.
-CREATE TABLE feed_checkpoints
-(
-    consumer   text   NOT NULL,
-    account_id text   NOT NULL,
-    applied    integer NOT NULL,
-    PRIMARY KEY (consumer, account_id)
-) STRICT;
+-- The saga's and the notifier's per-account checkpoints live in projection_checkpoints,
+-- under their consumer names (keyledger-saga, keyledger-notifier).
 
 -- One row per (event, recipient). Published to the notifications topic once
 -- (`published_ms`), delivered by SMTP once (`delivered_ms`); `next_attempt_ms` is NULL when

@@ -43,10 +43,9 @@ const WORKER_BATCH: usize = 100;
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
 
-/// Marks that partitions moved, so stored offsets are read again; and notices a member
-/// left with no partition at all.
+/// Marks that partitions moved, so stored offsets are read again.
 #[derive(Default)]
-pub struct RebalanceFlag(pub AtomicBool, std::sync::Mutex<Option<std::time::Instant>>);
+pub struct RebalanceFlag(pub AtomicBool);
 
 impl ClientContext for RebalanceFlag {}
 
@@ -54,27 +53,8 @@ impl ConsumerContext for RebalanceFlag {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions assigned");
-            *self.1.lock().unwrap_or_else(|p| p.into_inner()) =
-                (tpl.count() == 0).then(std::time::Instant::now);
         }
         self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// How long a member may hold no partition before it leaves and joins again.
-pub const STRANDED_AFTER: Duration = Duration::from_secs(5);
-
-impl RebalanceFlag {
-    /// True when the last rebalance gave this member no partition, `after` ago or more.
-    /// tansu 0.6 can leave the surviving member of a group with an empty assignment once a
-    /// killed member's session expires, and never rebalances again; a fresh member (a new
-    /// consumer) gets the partitions. A member that is legitimately idle (more members than
-    /// partitions) merely rejoins now and then.
-    pub fn stranded(&self, after: Duration) -> bool {
-        self.1
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|since| since.elapsed() >= after)
     }
 }
 
@@ -107,14 +87,17 @@ pub fn group_consumer(
 }
 
 /// How often a consumer looks for partitions nobody consumes, and how long one may stand
-/// still with records waiting before the consumer leaves and joins the group again.
+/// still with records waiting before the consumer leaves and joins the group again (sooner
+/// when this member holds no partition at all).
 const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
 const ORPHANED_AFTER: Duration = Duration::from_secs(20);
+const ORPHANED_AFTER_WHEN_EMPTY: Duration = Duration::from_secs(5);
 
 /// Notices partitions of the topic that no member of the group consumes: not assigned to
 /// this member, records waiting past the group's stored offset, and that offset standing
-/// still. tansu 0.6 keeps a killed member in the group with its partitions; joining again
-/// makes the coordinator hand them out anew.
+/// still. tansu 0.6 keeps a killed member in the group with its partitions (or hands a
+/// restarted member none at all) and never rebalances by itself; joining again makes the
+/// coordinator hand them out anew. Against Apache Kafka this never fires.
 pub struct OrphanWatch {
     checked: std::time::Instant,
     suspect: Option<(std::time::Instant, Vec<(i32, i64)>)>,
@@ -143,7 +126,7 @@ impl OrphanWatch {
         }
         self.checked = std::time::Instant::now();
         // Brief blocking calls to the broker; when it cannot answer, nothing is concluded.
-        let highs = || -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
+        let highs = || -> Result<(Vec<(i32, i64)>, bool), rdkafka::error::KafkaError> {
             let assigned: std::collections::HashSet<i32> = consumer
                 .assignment()?
                 .elements()
@@ -163,10 +146,15 @@ impl OrphanWatch {
                     highs.push((p.id(), high));
                 }
             }
-            Ok(highs)
+            Ok((highs, assigned.is_empty()))
         };
-        let Ok(highs) = highs() else {
+        let Ok((highs, holds_none)) = highs() else {
             return Ok(());
+        };
+        let patience = if holds_none {
+            ORPHANED_AFTER_WHEN_EMPTY
+        } else {
+            ORPHANED_AFTER
         };
         let mut behind = Vec::new();
         for (partition, high) in highs {
@@ -178,7 +166,7 @@ impl OrphanWatch {
         match &self.suspect {
             _ if behind.is_empty() => self.suspect = None,
             Some((since, before)) if *before == behind => {
-                if since.elapsed() >= ORPHANED_AFTER {
+                if since.elapsed() >= patience {
                     let partitions: Vec<i32> = behind.iter().map(|(p, _)| *p).collect();
                     return Err(BusError::Topic(
                         topic.to_owned(),
@@ -305,9 +293,6 @@ impl CommandConsumer {
                     Ok(Ok(m)) => m,
                     Ok(Err(e)) => break Err(BusError::Kafka(e)),
                     Err(_) => {
-                        if consumer.context().stranded(STRANDED_AFTER) {
-                            break Err(BusError::Topic(topic.clone(), "no partition assigned; joining the group again".into()));
-                        }
                         if in_flight.load(Ordering::SeqCst) == 0 {
                             if let Err(e) = self.unstick(&consumer, &mut positions, &topic).await {
                                 break Err(e);

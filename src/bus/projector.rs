@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use keyledger_events::{EventEnvelope, KeyringEvent};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -102,12 +102,8 @@ where
         let first = tokio::select! {
             m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
                 Ok(m) => m?,
-                Err(_) => {
-                    if consumer.context().stranded(super::commands::STRANDED_AFTER) {
-                        return Err(BusError::Topic(topic, "no partition assigned; joining the group again".into()));
-                    }
-                    continue;
-                }
+                // Idle: loop round so the orphan check runs.
+                Err(_) => continue,
             },
             _ = stop.changed() => return Ok(()),
         };

@@ -4,8 +4,6 @@
 //! The SQL is the same on PostgreSQL and SQLite (times are Unix milliseconds), so it is
 //! written once, in a macro that makes a module per database.
 
-use std::collections::HashMap;
-
 use keyledger_events::Notification;
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
@@ -82,7 +80,7 @@ macro_rules! reaction_sql {
                 account: &str,
             ) -> Result<u64, StoreError> {
                 let applied: Option<i64> = sqlx::query_scalar(
-                    "SELECT applied FROM feed_checkpoints WHERE consumer = $1 AND account_id = $2",
+                    "SELECT sequence FROM projection_checkpoints WHERE projection = $1 AND account_id = $2",
                 )
                 .bind(consumer)
                 .bind(account)
@@ -98,8 +96,8 @@ macro_rules! reaction_sql {
                 applied: u64,
             ) -> Result<(), StoreError> {
                 sqlx::query(
-                    "INSERT INTO feed_checkpoints (consumer, account_id, applied) VALUES ($1, $2, $3) \
-                     ON CONFLICT (consumer, account_id) DO UPDATE SET applied = excluded.applied",
+                    "INSERT INTO projection_checkpoints (projection, account_id, sequence) VALUES ($1, $2, $3) \
+                     ON CONFLICT (projection, account_id) DO UPDATE SET sequence = excluded.sequence",
                 )
                 .bind(consumer)
                 .bind(account)
@@ -395,7 +393,7 @@ impl Reactions {
     /// Applies each account's records (in order; those at or below the account's
     /// checkpoint skipped), moves the checkpoints and, for a consumer of the events topic,
     /// stores its next offsets — all in one transaction. A gap before an account's first
-    /// new record is filled from the event store first.
+    /// new record is filled from the event store and the batch applied again.
     pub async fn apply(
         &self,
         store: &Store,
@@ -404,30 +402,47 @@ impl Reactions {
         effect: &Effect<'_>,
         offsets: Option<(&str, &[(i32, i64)])>,
     ) -> Result<(), StoreError> {
-        // Gaps are read before the transaction: SQLite has a single connection.
-        let mut filled: HashMap<&str, Vec<StoredRecord>> = HashMap::new();
-        for (account, records) in by_account {
-            let Some(first) = records.first() else {
-                continue;
+        let mut batch = std::borrow::Cow::Borrowed(by_account);
+        for _ in 0..=by_account.len() {
+            let Some((i, checkpoint)) = self.apply_once(consumer, &batch, effect, offsets).await?
+            else {
+                return Ok(());
             };
-            let checkpoint = self.checkpoint(consumer, account).await?;
-            if first.sequence > checkpoint + 1 {
-                let mut missing = store.events_after(account, checkpoint).await?;
-                missing.retain(|r| r.sequence < first.sequence);
-                missing.extend(records.iter().cloned());
-                filled.insert(account.as_str(), missing);
-            }
+            // Read outside the transaction: SQLite has a single connection.
+            let (account, records) = &batch[i];
+            let first = records
+                .iter()
+                .map(|r| r.sequence)
+                .find(|s| *s > checkpoint)
+                .unwrap_or(u64::MAX);
+            let mut filled = store.events_after(account, checkpoint).await?;
+            filled.retain(|r| r.sequence < first);
+            filled.extend(records.iter().filter(|r| r.sequence >= first).cloned());
+            batch.to_mut()[i].1 = filled;
         }
+        Err(StoreError::Gap { checkpoint: 0 })
+    }
+
+    /// One attempt of [`Reactions::apply`]: `Some((account index, checkpoint))` when an
+    /// account's records start past its checkpoint + 1 (nothing is written then).
+    async fn apply_once(
+        &self,
+        consumer: &str,
+        by_account: &[(String, Vec<StoredRecord>)],
+        effect: &Effect<'_>,
+        offsets: Option<(&str, &[(i32, i64)])>,
+    ) -> Result<Option<(usize, u64)>, StoreError> {
         let now_ms = wall_ms();
         in_tx!(self, |c, sql| {
-            for (account, records) in by_account {
-                let records = filled
-                    .get(account.as_str())
-                    .map_or(&records[..], |v| &v[..]);
+            for (i, (account, records)) in by_account.iter().enumerate() {
                 let checkpoint = sql::checkpoint(c, consumer, account).await?;
                 let mut applied = checkpoint;
                 for record in records.iter().filter(|r| r.sequence > checkpoint) {
                     if record.sequence != applied + 1 {
+                        if applied == checkpoint {
+                            return Ok(Some((i, checkpoint)));
+                        }
+                        // A hole inside the batch itself: the records handed in are wrong.
                         return Err(StoreError::Gap {
                             checkpoint: applied,
                         });
@@ -465,6 +480,7 @@ impl Reactions {
             if let Some((topic, offsets)) = offsets {
                 sql::save_offsets(c, consumer, topic, offsets).await?;
             }
+            None
         })
     }
 

@@ -577,12 +577,17 @@ async fn saga_and_notifier_killed_around_a_due_time_lose_nothing_and_repeat_noth
     .execute(&mut db)
     .await
     .expect("forget offsets");
-    sqlx::query("DELETE FROM feed_checkpoints")
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection IN ('keyledger-saga', 'keyledger-notifier')")
         .execute(&mut db)
         .await
         .expect("forget checkpoints");
     let mut saga = worker().await;
-    until_count(&mut db, "SELECT count(*) FROM feed_checkpoints", 2).await;
+    until_count(
+        &mut db,
+        "SELECT count(*) FROM projection_checkpoints WHERE projection IN ('keyledger-saga', 'keyledger-notifier')",
+        2,
+    )
+    .await;
     tokio::time::sleep(QUIET).await;
     kafka::kill9(&mut saga).await;
     assert_eq!(smtp.mails().len(), 1, "{:?}", summary(&smtp.mails()));
