@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod bus;
 pub mod chain;
 pub mod cli;
@@ -18,7 +19,6 @@ pub mod feed;
 pub mod handler;
 pub mod http;
 pub mod keyring;
-pub mod loadgen;
 pub mod metrics;
 pub mod notify;
 #[cfg(test)]

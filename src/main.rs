@@ -44,11 +44,32 @@ async fn main() -> ExitCode {
                     kafka_brokers,
                     events,
                 },
-        } => keyledger::loadgen::audit_bench(&kafka_brokers, events).await,
+        } => keyledger::bench::bus::audit_bench(&kafka_brokers, events).await,
+        Commands::Bench {
+            what:
+                BenchWhat::Http {
+                    server,
+                    token,
+                    keys,
+                    connections,
+                    seconds,
+                },
+        } => keyledger::bench::http::run(keyledger::bench::http::HttpSettings {
+            url: server.trim_end_matches('/').to_owned(),
+            token,
+            keys: keys.max(1),
+            connections: connections.max(1),
+            seconds: seconds.max(1),
+        })
+        .await
+        .map(|_| ()),
+        Commands::Bench {
+            what: BenchWhat::Restart { database_url, keys },
+        } => bench_restart(database_url, keys).await,
         Commands::Bench {
             what: BenchWhat::Commands(a),
         } => {
-            keyledger::loadgen::run(keyledger::loadgen::LoadSettings {
+            keyledger::bench::bus::run(keyledger::bench::bus::LoadSettings {
                 bus: a.target.bus(),
                 database_url: a.target.database_url,
                 commands: a.count,
@@ -161,6 +182,21 @@ async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
     open_store(&settings).await?;
     eprintln!("schema is up to date");
     Ok(())
+}
+
+async fn bench_restart(database_url: String, keys: usize) -> anyhow::Result<()> {
+    migrate(keyledger::cli::StorageArgs {
+        database_url: Some(database_url.clone()),
+        data_dir: "./data".into(),
+    })
+    .await?;
+    keyledger::bench::restart::run(keyledger::bench::restart::RestartSettings {
+        database_url,
+        keys,
+        binary: std::env::current_exe()?,
+    })
+    .await
+    .map(|_| ())
 }
 
 async fn drill(a: keyledger::cli::DrillArgs) -> anyhow::Result<bool> {

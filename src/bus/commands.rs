@@ -34,6 +34,9 @@ use crate::store::offsets;
 
 /// How long without any record before partitions are checked for a stuck record.
 const IDLE: Duration = Duration::from_secs(3);
+/// How long one offset must stay stuck (through idle rounds) before its record is declared
+/// unfetchable.
+const UNFETCHABLE_AFTER: Duration = Duration::from_secs(12);
 
 /// Records queued per partition worker.
 const WORKER_QUEUE: usize = 256;
@@ -43,9 +46,13 @@ const WORKER_BATCH: usize = 100;
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
 
-/// Marks that partitions moved, so stored offsets are read again.
+/// Marks that partitions moved, so stored offsets are read again; and whether this member
+/// has been through a rebalance at all (until then, holding nothing means nothing).
 #[derive(Default)]
-pub struct RebalanceFlag(pub AtomicBool);
+pub struct RebalanceFlag {
+    pub moved: AtomicBool,
+    pub joined: AtomicBool,
+}
 
 impl ClientContext for RebalanceFlag {}
 
@@ -53,8 +60,9 @@ impl ConsumerContext for RebalanceFlag {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions assigned");
+            self.joined.store(true, Ordering::SeqCst);
         }
-        self.0.store(true, Ordering::SeqCst);
+        self.moved.store(true, Ordering::SeqCst);
     }
 }
 
@@ -86,19 +94,23 @@ pub fn group_consumer(
     Ok(consumer)
 }
 
-/// How often a consumer looks for partitions nobody consumes, and how long one may stand
-/// still with records waiting before the consumer leaves and joins the group again (sooner
-/// when this member holds no partition at all).
-const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often a consumer looks for partitions nobody consumes, and how long a partition may
+/// stand still with records waiting before the consumer leaves and joins the group again:
+/// soon when this member holds no partition at all, later when another member holds it
+/// (it may merely be slow), latest when this member holds it (its own work may be slow).
+const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(3);
+const ORPHANED_AFTER_WHEN_EMPTY: Duration = Duration::from_secs(3);
 const ORPHANED_AFTER: Duration = Duration::from_secs(20);
-const ORPHANED_AFTER_WHEN_EMPTY: Duration = Duration::from_secs(5);
+const STALLED_AFTER: Duration = Duration::from_secs(30);
 
-/// Notices partitions of the topic that no member of the group consumes: not assigned to
-/// this member, records waiting past the group's stored offset, and that offset standing
-/// still. tansu 0.6 keeps a killed member in the group with its partitions (or hands a
-/// restarted member none at all) and never rebalances by itself; joining again makes the
-/// coordinator hand them out anew. Against Apache Kafka this never fires.
+/// Notices partitions of the topic that no member of the group consumes: records waiting
+/// past the group's stored offset, and that offset standing still. tansu 0.6 keeps a killed
+/// member in the group with its partitions (or hands a restarted member none at all) and
+/// never rebalances by itself; joining again makes the coordinator hand them out anew. A
+/// partition this member holds but does not advance (a fetch that stopped answering) is
+/// treated the same way, later. Against Apache Kafka this only fires on a stuck fetch.
 pub struct OrphanWatch {
+    created: std::time::Instant,
     checked: std::time::Instant,
     suspect: Option<(std::time::Instant, Vec<(i32, i64)>)>,
 }
@@ -106,6 +118,7 @@ pub struct OrphanWatch {
 impl Default for OrphanWatch {
     fn default() -> Self {
         Self {
+            created: std::time::Instant::now(),
             checked: std::time::Instant::now(),
             suspect: None,
         }
@@ -126,7 +139,8 @@ impl OrphanWatch {
         }
         self.checked = std::time::Instant::now();
         // Brief blocking calls to the broker; when it cannot answer, nothing is concluded.
-        let highs = || -> Result<(Vec<(i32, i64)>, bool), rdkafka::error::KafkaError> {
+        // Each partition's high watermark, and whether this member holds it.
+        let highs = || -> Result<Vec<(i32, i64, bool)>, rdkafka::error::KafkaError> {
             let assigned: std::collections::HashSet<i32> = consumer
                 .assignment()?
                 .elements()
@@ -136,31 +150,33 @@ impl OrphanWatch {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(1))?;
             let mut highs = Vec::new();
             for t in metadata.topics() {
-                for p in t
-                    .partitions()
-                    .iter()
-                    .filter(|p| !assigned.contains(&p.id()))
-                {
+                for p in t.partitions() {
                     let (_, high) =
                         consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(1))?;
-                    highs.push((p.id(), high));
+                    highs.push((p.id(), high, assigned.contains(&p.id())));
                 }
             }
-            Ok((highs, assigned.is_empty()))
+            Ok(highs)
         };
-        let Ok((highs, holds_none)) = highs() else {
+        let Ok(highs) = highs() else {
             return Ok(());
         };
-        let patience = if holds_none {
-            ORPHANED_AFTER_WHEN_EMPTY
-        } else {
-            ORPHANED_AFTER
-        };
+        // A member still joining holds nothing yet: judge it only once it has been through a
+        // rebalance (tansu may hand it nothing), or when joining takes unreasonably long.
+        let joined = consumer.context().joined.load(Ordering::SeqCst)
+            || self.created.elapsed() >= ORPHANED_AFTER;
+        let holds_none = joined && !highs.iter().any(|(_, _, held)| *held);
         let mut behind = Vec::new();
-        for (partition, high) in highs {
+        let mut patience = STALLED_AFTER;
+        for (partition, high, held) in highs {
             let stored = offsets::load(pool, group, topic, partition).await?;
             if stored < high {
                 behind.push((partition, stored));
+                patience = patience.min(match (held, holds_none) {
+                    (true, _) => STALLED_AFTER,
+                    (false, true) => ORPHANED_AFTER_WHEN_EMPTY,
+                    (false, false) => ORPHANED_AFTER,
+                });
             }
         }
         match &self.suspect {
@@ -170,7 +186,7 @@ impl OrphanWatch {
                     let partitions: Vec<i32> = behind.iter().map(|(p, _)| *p).collect();
                     return Err(BusError::Topic(
                         topic.to_owned(),
-                        format!("partitions {partitions:?} are consumed by no member; joining the group again"),
+                        format!("partitions {partitions:?} stand still with records waiting; joining the group again"),
                     ));
                 }
             }
@@ -205,7 +221,7 @@ impl Positions {
         partition: i32,
         offset: i64,
     ) -> Result<bool, BusError> {
-        if consumer.context().0.swap(false, Ordering::SeqCst) {
+        if consumer.context().moved.swap(false, Ordering::SeqCst) {
             self.next.clear();
         }
         let next = match self.next.get(&partition) {
@@ -281,6 +297,7 @@ impl CommandConsumer {
         let mut workers: HashMap<i32, (mpsc::Sender<OwnedMessage>, JoinHandle<()>)> =
             HashMap::new();
         let mut orphans = OrphanWatch::default();
+        let mut stuck: HashMap<i32, (i64, std::time::Instant)> = HashMap::new();
         let result = loop {
             if let Err(e) = orphans
                 .check(&self.pool, &consumer, &self.bus.commands_group, &topic)
@@ -294,7 +311,7 @@ impl CommandConsumer {
                     Ok(Err(e)) => break Err(BusError::Kafka(e)),
                     Err(_) => {
                         if in_flight.load(Ordering::SeqCst) == 0 {
-                            if let Err(e) = self.unstick(&consumer, &mut positions, &topic).await {
+                            if let Err(e) = self.unstick(&consumer, &mut positions, &topic, &mut stuck).await {
                                 break Err(e);
                             }
                         }
@@ -423,17 +440,22 @@ impl CommandConsumer {
         }
     }
 
-    /// Called when nothing arrived for [`IDLE`]: a partition whose next offset is below its
-    /// high watermark then holds a record the broker will not hand out. tansu 0.6.0 caps a
-    /// fetch at 5 MiB and never returns a larger record (Kafka returns it anyway, KIP-74),
-    /// which would stall the partition for ever. Such a record gets a dead letter (without
-    /// its bytes, which cannot be read) and consumption moves past it.
+    /// Called when nothing arrived for [`IDLE`]: a partition whose next offset has stayed
+    /// below its high watermark through idle rounds for [`UNFETCHABLE_AFTER`] holds a record
+    /// the broker will not hand out. tansu 0.6.0 caps a fetch at 5 MiB and never returns a
+    /// larger record (Kafka returns it anyway, KIP-74), which would stall the partition for
+    /// ever. Such a record gets a dead letter (without its bytes, which cannot be read) and
+    /// consumption moves past it. A slow first fetch (a loaded broker, a fresh assignment)
+    /// is not mistaken for one: the same offset must stay stuck for the whole period, with
+    /// the consumer's own position (when it has one) at that offset.
     async fn unstick(
         &self,
         consumer: &StreamConsumer<RebalanceFlag>,
         positions: &mut Positions,
         topic: &str,
+        stuck: &mut HashMap<i32, (i64, std::time::Instant)>,
     ) -> Result<(), BusError> {
+        let position = consumer.position().ok();
         let partitions: Vec<i32> = consumer
             .assignment()?
             .elements_for_topic(topic)
@@ -452,8 +474,30 @@ impl CommandConsumer {
                     }
                 };
             if next >= high {
+                stuck.remove(&partition);
                 continue;
             }
+            let at = position
+                .as_ref()
+                .and_then(|tpl| tpl.find_partition(topic, partition))
+                .map(|e| e.offset());
+            if matches!(at, Some(Offset::Offset(o)) if o != next) {
+                // The consumer is elsewhere (still skipping what is done): not stuck here.
+                stuck.remove(&partition);
+                continue;
+            }
+            match stuck.get(&partition) {
+                Some((offset, since)) if *offset == next => {
+                    if since.elapsed() < UNFETCHABLE_AFTER {
+                        continue;
+                    }
+                }
+                _ => {
+                    stuck.insert(partition, (next, std::time::Instant::now()));
+                    continue;
+                }
+            }
+            stuck.remove(&partition);
             tracing::warn!(
                 partition,
                 offset = next,

@@ -100,7 +100,7 @@ where
     loop {
         orphans.check(pool, &consumer, group, &topic).await?;
         let first = tokio::select! {
-            m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
+            m = tokio::time::timeout(Duration::from_secs(3), consumer.recv()) => match m {
                 Ok(m) => m?,
                 // Idle: loop round so the orphan check runs.
                 Err(_) => continue,

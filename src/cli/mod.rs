@@ -133,6 +133,37 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
     },
+    /// Verification over HTTP against a running keyledger, next to a bare endpoint of the
+    /// same server (a closed-loop load generator).
+    Http {
+        /// The running keyledger.
+        #[arg(
+            long,
+            env = "KEYLEDGER_SERVER",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server: String,
+        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Keys generated (through the API) and verified in turn.
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        /// Concurrent connections, each one request at a time.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Seconds measured per phase (after a one-second warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Start-to-ready time and memory of `keyledger serve` with a large store: fills an
+    /// empty PostgreSQL database with synthetic keys and starts the service on it.
+    Restart {
+        /// An empty database (it is migrated and filled).
+        #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: usize,
+    },
 }
 
 /// A running keyledger's PostgreSQL and Kafka, for the load tools.

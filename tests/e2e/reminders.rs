@@ -19,6 +19,9 @@ use crate::kafka;
 use crate::smtp::{Mail, SmtpSink};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// After a restart the new consumers must first join their groups; on a loaded machine
+/// tansu can take a few rounds of that (see `OrphanWatch`).
+const WAIT_AFTER_RESTART: Duration = Duration::from_secs(90);
 /// How long "nothing more arrives" is watched for: many saga ticks and notifier polls.
 const QUIET: Duration = Duration::from_millis(2500);
 
@@ -395,7 +398,7 @@ async fn after_downtime_across_two_stages_only_the_latest_is_sent() {
     // Down while the 28- and 14-day stages fall due.
     w.clock.set(key.expires_at - days(10));
     w.app = w.app.restart().await;
-    let mails = w.smtp.wait_for(WAIT, |m| !m.is_empty()).await;
+    let mails = w.smtp.wait_for(WAIT_AFTER_RESTART, |m| !m.is_empty()).await;
     assert_eq!(summary(&mails), vec![pair("ops@agency.gov.sg", TWO_WEEKS)]);
     w.exactly(1).await;
     let mut db = w.db().await;
@@ -560,7 +563,7 @@ async fn saga_and_notifier_killed_around_a_due_time_lose_nothing_and_repeat_noth
     let wait = (due - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(1);
     tokio::time::sleep(wait).await;
     let mut saga = worker().await;
-    let mails = smtp.wait_for(WAIT, |m| !m.is_empty()).await;
+    let mails = smtp.wait_for(WAIT_AFTER_RESTART, |m| !m.is_empty()).await;
     assert_eq!(summary(&mails), vec![pair("owner@agency.gov.sg", ONE_DAY)]);
     until_count(
         &mut db,

@@ -22,6 +22,7 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
+use super::percentile;
 use crate::bus::BusConfig;
 
 pub struct LoadSettings {
@@ -30,14 +31,6 @@ pub struct LoadSettings {
     pub commands: usize,
     pub accounts: usize,
     pub raw: usize,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 async fn raw_database(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
@@ -110,15 +103,25 @@ async fn raw_broker(bus: &BusConfig, n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((produce_rate, consume_rate))
 }
 
-/// Sends `n` GenerateKey commands, `pace` apart (none: as fast as possible); returns the
-/// throughput (commands/s until the last result) and the produced→listed latencies (ms).
+/// What one run of commands measured.
+struct Run {
+    /// Commands per second, first produced to last listed.
+    rate: f64,
+    /// Produced → listing row visible, sorted (ms).
+    latencies: Vec<f64>,
+    /// The projection's lag: command decided (the key's creation time) → listing row
+    /// visible, sorted (ms; the table is polled every 20 ms).
+    lags: Vec<f64>,
+}
+
+/// Sends `n` GenerateKey commands, `pace` apart (none: as fast as possible).
 async fn commands(
     s: &LoadSettings,
     pool: &PgPool,
     n: usize,
     pace: Option<Duration>,
     run: &str,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<Run> {
     let producer = s.bus.producer(2)?;
     let reply = STANDARD.encode(
         crypto_box::SecretKey::generate(&mut rand::rngs::OsRng)
@@ -126,14 +129,18 @@ async fn commands(
             .as_bytes(),
     );
     let mut sent_at: HashMap<String, Instant> = HashMap::with_capacity(n);
-    let mut listed_at: HashMap<String, Instant> = HashMap::with_capacity(n);
+    let mut listed_at: HashMap<String, (Instant, f64)> = HashMap::with_capacity(n);
     let started = Instant::now();
     let account_prefix = format!("bench-{run}-");
     let poll = |pool: PgPool, prefix: String| async move {
-        sqlx::query("SELECT label FROM key_listing WHERE account_id LIKE $1")
-            .bind(format!("{prefix}%"))
-            .fetch_all(&pool)
-            .await
+        // The lag of the projection: the key's creation (the command decided) to this read.
+        sqlx::query(
+            "SELECT label, (extract(epoch FROM clock_timestamp() - created_at) * 1000)::float8 \
+             AS lag_ms FROM key_listing WHERE account_id LIKE $1",
+        )
+        .bind(format!("{prefix}%"))
+        .fetch_all(&pool)
+        .await
     };
     let mut pending = Vec::new();
     for i in 0..n {
@@ -160,7 +167,8 @@ async fn commands(
             if i % 20 == 0 {
                 for r in poll(pool.clone(), account_prefix.clone()).await? {
                     let l: String = r.get("label");
-                    listed_at.entry(l).or_insert_with(Instant::now);
+                    let lag: f64 = r.get("lag_ms");
+                    listed_at.entry(l).or_insert_with(|| (Instant::now(), lag));
                 }
             }
         }
@@ -172,18 +180,22 @@ async fn commands(
     while listed_at.len() < n && Instant::now() < deadline {
         for r in poll(pool.clone(), account_prefix.clone()).await? {
             let l: String = r.get("label");
-            listed_at.entry(l).or_insert_with(Instant::now);
+            let lag: f64 = r.get("lag_ms");
+            listed_at.entry(l).or_insert_with(|| (Instant::now(), lag));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = listed_at
         .values()
+        .map(|(t, _)| *t)
         .max()
         .map(|t| t.duration_since(started))
         .unwrap_or_default();
+    let mut lags: Vec<f64> = listed_at.values().map(|(_, lag)| *lag).collect();
+    lags.sort_by(f64::total_cmp);
     let mut latencies: Vec<f64> = listed_at
         .iter()
-        .filter_map(|(l, t)| {
+        .filter_map(|(l, (t, _))| {
             sent_at
                 .get(l)
                 .map(|s| t.duration_since(*s).as_secs_f64() * 1000.0)
@@ -195,7 +207,11 @@ async fn commands(
         "only {} of {n} commands reached the listing",
         latencies.len()
     );
-    Ok((n as f64 / elapsed.as_secs_f64(), latencies))
+    Ok(Run {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        latencies,
+        lags,
+    })
 }
 
 pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
@@ -213,12 +229,13 @@ pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
         "GenerateKey over the bus at full speed: {} commands over {} accounts…",
         s.commands, s.accounts
     );
-    let (peak, full) = commands(&s, &pool, s.commands, None, &format!("{run}a")).await?;
+    let full = commands(&s, &pool, s.commands, None, &format!("{run}a")).await?;
+    let peak = full.rate;
     let half = peak / 2.0;
     let paced_n = (s.commands / 2).max(100);
     eprintln!("GenerateKey paced at half the peak ({half:.0}/s): {paced_n} commands…");
     let pace = Duration::from_secs_f64(1.0 / half.max(1.0));
-    let (_, paced) = commands(&s, &pool, paced_n, Some(pace), &format!("{run}b")).await?;
+    let paced = commands(&s, &pool, paced_n, Some(pace), &format!("{run}b")).await?;
     println!("| measure | value |");
     println!("| --- | --- |");
     println!("| raw database: single-row INSERT+COMMIT, one connection | {db:.0}/s |");
@@ -230,13 +247,18 @@ pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
     );
     println!(
         "| latency at peak, p50 / p99 | {:.0} ms / {:.0} ms |",
-        percentile(&full, 0.5),
-        percentile(&full, 0.99)
+        percentile(&full.latencies, 0.5),
+        percentile(&full.latencies, 0.99)
     );
     println!(
         "| latency at half of peak ({half:.0}/s), p50 / p99 | {:.0} ms / {:.0} ms |",
-        percentile(&paced, 0.5),
-        percentile(&paced, 0.99)
+        percentile(&paced.latencies, 0.5),
+        percentile(&paced.latencies, 0.99)
+    );
+    println!(
+        "| projection lag at half of peak (decided → listing row), p50 / p99 | {:.0} ms / {:.0} ms |",
+        percentile(&paced.lags, 0.5),
+        percentile(&paced.lags, 0.99)
     );
     Ok(())
 }
