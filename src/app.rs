@@ -86,7 +86,7 @@ impl Application {
                 if roles.relay {
                     let relay = Relay::new(
                         pool.clone(),
-                        bus.producer(5)?,
+                        crate::bus::publisher::Publisher::new(bus, 5)?,
                         bus.events_topic(),
                         bus.relay_batch,
                     );
@@ -141,8 +141,12 @@ impl Application {
             read_side.clone(),
         ));
         if let (Some(bus), Some(pool), true) = (&settings.bus, store.pg_pool(), roles.commands) {
-            let consumer =
-                CommandConsumer::new(bus.clone(), pool.clone(), handler.clone(), bus.producer(0)?);
+            let consumer = CommandConsumer::new(
+                bus.clone(),
+                pool.clone(),
+                handler.clone(),
+                crate::bus::publisher::Publisher::new(bus, 0)?,
+            );
             tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
         }
         let saga = Arc::new(Saga::new(
@@ -165,7 +169,10 @@ impl Application {
         }
         if roles.notifier {
             let producer = match &bus_pool {
-                Some((bus, _)) => Some((bus.producer(5)?, bus.notifications_topic())),
+                Some((bus, _)) => Some((
+                    crate::bus::publisher::Publisher::new(bus, 5)?,
+                    bus.notifications_topic(),
+                )),
                 None => None,
             };
             let r = &settings.reminders;

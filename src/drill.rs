@@ -17,7 +17,6 @@ use base64::Engine;
 use futures::StreamExt;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -93,7 +92,7 @@ pub async fn load(s: DrillSettings) -> anyhow::Result<(Value, bool)> {
             .public_key()
             .as_bytes(),
     );
-    let producer = s.bus.producer(2)?;
+    let producer = crate::bus::publisher::Publisher::new(&s.bus, 2)?;
     let commands_topic = s.bus.commands_topic();
     let results: StreamConsumer = s.bus.reader(&s.bus.results_topic(), &[])?;
     let mut stream = results.stream();
@@ -111,15 +110,7 @@ pub async fn load(s: DrillSettings) -> anyhow::Result<(Value, bool)> {
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let send = |account: String, bytes: Vec<u8>| {
         let (p, t) = (producer.clone(), commands_topic.clone());
-        async move {
-            p.send(
-                FutureRecord::to(&t).key(&account).payload(&bytes),
-                Duration::from_secs(30),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
-        }
+        async move { p.send(&t, Some(&account), &bytes).await.map(|_| ()) }
     };
     let mut last_resend_check = Instant::now();
     loop {

@@ -92,6 +92,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Command envelopes sent to the dead-letter topic, by reason.",
     ),
     (
+        "keyledger_producers_replaced_total",
+        "counter",
+        "Producers replaced because a record waited too long for its acknowledgement.",
+    ),
+    (
         "keyledger_reminders_total",
         "counter",
         "Reminder-saga decisions recorded: stage sent, stage skipped, key expired.",

@@ -20,12 +20,12 @@ use keyledger_events::{
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::publisher::Publisher;
 use super::{seal, supervise, BusConfig, BusError};
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
@@ -254,7 +254,7 @@ pub struct CommandConsumer {
     bus: BusConfig,
     pool: PgPool,
     handler: Arc<CommandHandler>,
-    producer: FutureProducer,
+    producer: Publisher,
 }
 
 /// What one message produced.
@@ -268,7 +268,7 @@ impl CommandConsumer {
         bus: BusConfig,
         pool: PgPool,
         handler: Arc<CommandHandler>,
-        producer: FutureProducer,
+        producer: Publisher,
     ) -> Self {
         Self {
             bus,
@@ -520,13 +520,7 @@ impl CommandConsumer {
                 &[("reason", "unfetchable")],
                 1,
             );
-            self.producer
-                .send(
-                    FutureRecord::<str, _>::to(&dlq).payload(&bytes),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| BusError::Kafka(e))?;
+            self.producer.send(&dlq, None, &bytes).await?;
             offsets::save(
                 &self.pool,
                 &self.bus.commands_group,
@@ -672,11 +666,7 @@ impl CommandConsumer {
             }
         };
         let bytes = bytes.unwrap_or_default();
-        let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| BusError::Kafka(e))?;
+        self.producer.send(&topic, Some(&key), &bytes).await?;
         Ok(())
     }
 }

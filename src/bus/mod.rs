@@ -15,6 +15,7 @@ pub use crate::chain;
 pub mod commands;
 pub mod follower;
 pub mod projector;
+pub mod publisher;
 pub mod relay;
 pub mod seal;
 

@@ -18,12 +18,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use keyledger_events::{EventEnvelope, KeyringEvent, EVENT_VERSION};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::publisher::Publisher;
 use super::{supervise, BusError};
 use crate::chain;
 
@@ -48,13 +48,13 @@ struct OutboxRow {
 
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: Publisher,
     topic: String,
     batch: i64,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, producer: FutureProducer, topic: String, batch: i64) -> Self {
+    pub fn new(pool: PgPool, producer: Publisher, topic: String, batch: i64) -> Self {
         Self {
             pool,
             producer,
@@ -85,6 +85,20 @@ impl Relay {
             }
         }
         tracing::info!("relay is publishing");
+        let result = self.publish_while_leading(&mut lock, stop).await;
+        if result.is_err() {
+            // Close the session that holds the lock (returned to the pool it would keep the
+            // lock, and the next attempt could wait behind itself on another connection).
+            drop(lock.detach());
+        }
+        result
+    }
+
+    async fn publish_while_leading(
+        &self,
+        lock: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), BusError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("keyledger_outbox").await?;
         let mut heads: HashMap<String, (u64, [u8; 32])> = HashMap::new();
@@ -93,7 +107,7 @@ impl Relay {
                 return Ok(());
             }
             // Still the leader? (The lock lives as long as this connection.)
-            sqlx::query("SELECT 1").execute(&mut *lock).await?;
+            sqlx::query("SELECT 1").execute(&mut **lock).await?;
             let published = self.publish_batch(&mut heads).await?;
             crate::metrics::metrics().count(
                 "keyledger_events_published_total",
@@ -172,16 +186,13 @@ impl Relay {
             let producer = self.producer.clone();
             let topic = self.topic.clone();
             let key = row.account_id.clone();
-            deliveries.push(async move {
-                let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
-                producer.send(record, Duration::from_secs(30)).await
-            });
+            deliveries.push(async move { producer.send(&topic, Some(&key), &bytes).await });
         }
         for result in futures::future::join_all(deliveries).await {
-            if let Err((e, _)) = result {
+            if let Err(e) = result {
                 // Nothing is deleted: the whole batch is published again (consumers dedupe).
                 heads.clear();
-                return Err(BusError::Kafka(e));
+                return Err(e);
             }
         }
         let mut tx = self.pool.begin().await?;

@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bus::publisher::Publisher;
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
 use super::render::Templates;
@@ -79,7 +79,7 @@ pub struct Notifier {
     templates: Templates,
     last_stage: Option<u32>,
     /// Set when notifications go to the topic.
-    producer: Option<(FutureProducer, String)>,
+    producer: Option<(Publisher, String)>,
     smtp: Option<Smtp>,
     poll: Duration,
 }
@@ -89,7 +89,7 @@ impl Notifier {
         reactions: Reactions,
         templates: Templates,
         last_stage: Option<u32>,
-        producer: Option<(FutureProducer, String)>,
+        producer: Option<(Publisher, String)>,
         smtp: Option<Smtp>,
         poll: Duration,
     ) -> Self {
@@ -136,10 +136,10 @@ impl Notifier {
         let mut done = 0;
         for Pending { notification, .. } in &pending {
             let json = serde_json::to_vec(notification).unwrap_or_default();
-            let record = FutureRecord::to(topic)
-                .key(notification.account_id.as_str())
-                .payload(&json);
-            match producer.send(record, Duration::from_secs(30)).await {
+            match producer
+                .send(topic, Some(notification.account_id.as_str()), &json)
+                .await
+            {
                 Ok(_) => {
                     self.reactions
                         .mark(notification.notification_id, Marked::Published)
@@ -147,7 +147,7 @@ impl Notifier {
                     done += 1;
                     notified("published");
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "cannot publish a notification; retrying");
                     break;
                 }
