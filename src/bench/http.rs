@@ -3,7 +3,7 @@
 //!
 //! A closed-loop load generator (no wrk on this machine, so it lives here): `connections`
 //! tasks each send one request, wait for the answer, send the next, for `seconds` after a
-//! one-second warm-up. It first drives `GET /healthz` (a handler that does nothing: the
+//! one-second warm-up. It first drives `GET /livez` (a handler that does nothing: the
 //! ceiling of this server, this client and this machine), then `POST /v1/verify` with keys it
 //! generated itself, cycling through them, then verify again with a `from` address. The
 //! ratio verify / bare is the figure to read: what verification costs on top of HTTP.
@@ -54,7 +54,7 @@ async fn generate_keys(client: &reqwest::Client, s: &HttpSettings) -> anyhow::Re
             s.token.clone(),
         );
         batch.push(tokio::spawn(async move {
-            let body = json!({"label": format!("k{i}"), "contacts": [], "login_email": "bench@agency.gov.sg"});
+            let body = json!({"label": format!("k{i}"), "contacts": ["ops@agency.gov.sg"], "login_email": "bench@agency.gov.sg"});
             let answer: Value = client
                 .post(url)
                 .bearer_auth(token)
@@ -93,7 +93,7 @@ async fn drive(
     for c in 0..s.connections {
         let (client, keys, target) = (client.clone(), keys.clone(), target.clone());
         let (bare, verify, token) = (
-            format!("{}/healthz", s.url),
+            format!("{}/livez", s.url),
             format!("{}/v1/verify", s.url),
             s.token.clone(),
         );
@@ -159,7 +159,7 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
     let keys = Arc::new(generate_keys(&client, &s).await?);
     let mut phases = Vec::new();
     for (target, name) in [
-        (Target::Bare, "GET /healthz (bare endpoint)"),
+        (Target::Bare, "GET /livez (bare endpoint)"),
         (
             Target::Verify { from: false },
             "POST /v1/verify (valid key)",
