@@ -153,8 +153,11 @@ impl OrphanWatch {
         let Ok(assignment) = consumer.assignment() else {
             return Ok(());
         };
-        let assigned: std::collections::HashSet<i32> =
-            assignment.elements().iter().map(|e| e.partition()).collect();
+        let assigned: std::collections::HashSet<i32> = assignment
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         if self
             .partitions
             .as_ref()
@@ -174,7 +177,12 @@ impl OrphanWatch {
         let unheld: Vec<i32> = self
             .partitions
             .as_ref()
-            .map(|(_, ids)| ids.iter().copied().filter(|p| !assigned.contains(p)).collect())
+            .map(|(_, ids)| {
+                ids.iter()
+                    .copied()
+                    .filter(|p| !assigned.contains(p))
+                    .collect()
+            })
             .unwrap_or_default();
         if unheld.is_empty() {
             self.suspect = None;
