@@ -1,5 +1,6 @@
-//! `keyledger bench commands`: a load tool for the bus, next to the raw rates of the same
-//! broker and database.
+//! The bus, measured next to its bare parts. `keyledger bench commands`: a load tool for
+//! the bus, next to the raw rates of the same broker and database; `keyledger bench audit`
+//! (at the end): the audit replay next to a bare consumer of the same topic.
 //!
 //! Against a running keyledger (all roles) it measures, in one go:
 //! 1. the raw database rate: single-row INSERT + COMMIT from one connection;
@@ -269,9 +270,7 @@ pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
 /// envelope with its real chain value) to a fresh events topic, then times (1) a bare
 /// consumer reading every record and (2) the auditor replaying the topic with every check.
 pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
-    use keyledger_events::{
-        EventEnvelope, KeyGenerated, KeyringEvent, EVENT_VERSION, HASH_SCHEME_BLAKE3,
-    };
+    use keyledger_events::{EventEnvelope, EVENT_VERSION};
     let mut bus = BusConfig::new(brokers);
     bus.topic_prefix = format!(
         "bench-audit-{}.",
@@ -287,24 +286,10 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     let mut chain_head = crate::chain::GENESIS;
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..events {
-        let (account, sequence) = (format!("acct-{:06}", i / 20), (i % 20 + 1) as u64);
+        let (account, sequence, event) = super::synthetic_key(&hasher, i, now);
         if sequence == 1 {
             chain_head = crate::chain::GENESIS;
         }
-        let key_id = uuid::Uuid::now_v7();
-        let event = KeyringEvent::KeyGenerated(KeyGenerated {
-            command_id: key_id,
-            key_id,
-            label: format!("key {sequence}"),
-            last_five: "abcde".into(),
-            key_hash: hasher.hash_hex(&format!("bench{i}")),
-            hash_scheme: HASH_SCHEME_BLAKE3.into(),
-            contacts: vec!["ops@agency.gov.sg".into()],
-            login_email: "bench@agency.gov.sg".into(),
-            created_at: now,
-            expires_at: now + chrono::Duration::days(180),
-            rotated_from: None,
-        });
         chain_head = crate::chain::next(&chain_head, &account, sequence, &event);
         let envelope = EventEnvelope {
             event_id: crate::bus::relay::event_id(&account, sequence),

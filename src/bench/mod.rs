@@ -19,3 +19,30 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+/// The `i`-th synthetic key of a benchmark store: 20 keys per account (`acct-0000000`, …),
+/// valid for 180 days from `now`, its hash made with `hasher`. Returns the account, the
+/// event's sequence in it, and the event.
+pub fn synthetic_key(
+    hasher: &crate::domain::KeyHasher,
+    i: usize,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (String, u64, keyledger_events::KeyringEvent) {
+    use keyledger_events::{KeyGenerated, KeyringEvent, HASH_SCHEME_BLAKE3};
+    let (account, sequence) = (format!("acct-{:07}", i / 20), (i % 20 + 1) as u64);
+    let key_id = uuid::Uuid::now_v7();
+    let event = KeyringEvent::KeyGenerated(KeyGenerated {
+        command_id: key_id,
+        key_id,
+        label: format!("key {sequence}"),
+        last_five: "abcde".into(),
+        key_hash: hasher.hash_hex(&format!("bench{i}")),
+        hash_scheme: HASH_SCHEME_BLAKE3.into(),
+        contacts: vec!["ops@agency.gov.sg".into()],
+        login_email: "bench@agency.gov.sg".into(),
+        created_at: now,
+        expires_at: now + chrono::Duration::days(180),
+        rotated_from: None,
+    });
+    (account, sequence, event)
+}

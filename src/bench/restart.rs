@@ -14,7 +14,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use keyledger_events::{KeyGenerated, KeyringEvent, HASH_SCHEME_BLAKE3};
 use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 
@@ -138,23 +137,9 @@ async fn seed(database_url: &str, keys: usize) -> anyhow::Result<()> {
             Vec::with_capacity(n),
         );
         for j in i..i + n {
-            let (account, sequence) = (format!("bench-acct-{:07}", j / 20), (j % 20 + 1) as i64);
-            let key_id = uuid::Uuid::now_v7();
-            let event = KeyringEvent::KeyGenerated(KeyGenerated {
-                command_id: key_id,
-                key_id,
-                label: format!("key {sequence}"),
-                last_five: "abcde".into(),
-                key_hash: hasher.hash_hex(&format!("bench-restart-{j}")),
-                hash_scheme: HASH_SCHEME_BLAKE3.into(),
-                contacts: vec!["ops@agency.gov.sg".into()],
-                login_email: "bench@agency.gov.sg".into(),
-                created_at: now,
-                expires_at: now + chrono::Duration::days(180),
-                rotated_from: None,
-            });
+            let (account, sequence, event) = super::synthetic_key(&hasher, j, now);
             ids.push(account);
-            seqs.push(sequence);
+            seqs.push(sequence as i64);
             payloads.push(serde_json::to_string(&event)?);
         }
         sqlx::query(

@@ -177,6 +177,13 @@ pub struct TargetArgs {
     pub kafka_brokers: String,
     #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
     pub topic_prefix: String,
+    /// Extra librdkafka settings `key=value`, as the service's `KEYLEDGER_KAFKA_OPTIONS`.
+    #[arg(
+        long = "kafka-option",
+        env = "KEYLEDGER_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub kafka_options: Vec<String>,
 }
 
 impl TargetArgs {
@@ -184,8 +191,18 @@ impl TargetArgs {
     pub fn bus(&self) -> BusConfig {
         let mut bus = BusConfig::new(self.kafka_brokers.clone());
         bus.topic_prefix = self.topic_prefix.clone();
+        bus.overrides = kafka_overrides(&self.kafka_options);
         bus
     }
+}
+
+/// `key=value` librdkafka settings, as given on the command line or in the environment.
+fn kafka_overrides(options: &[String]) -> Vec<(String, String)> {
+    options
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 #[derive(Debug, Clone, Args)]
@@ -386,12 +403,7 @@ impl ServeArgs {
                 bus.max_command_bytes = self.max_command_bytes;
                 bus.relay_batch = self.relay_batch;
                 bus.projector_batch = self.projector_batch;
-                bus.overrides = self
-                    .kafka_options
-                    .iter()
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                    .collect();
+                bus.overrides = kafka_overrides(&self.kafka_options);
                 bus
             }),
             roles: self.role,
