@@ -14,6 +14,7 @@
 pub use crate::chain;
 pub mod commands;
 pub mod follower;
+pub mod orphans;
 pub mod projector;
 pub mod publisher;
 pub mod relay;

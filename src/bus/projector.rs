@@ -96,7 +96,7 @@ where
     let topic = bus.events_topic();
     let consumer: StreamConsumer<RebalanceFlag> = group_consumer(bus, group, &topic)?;
     let mut positions = Positions::new(group, &topic);
-    let mut orphans = super::commands::OrphanWatch::default();
+    let mut orphans = super::orphans::OrphanWatch::default();
     loop {
         orphans.check(pool, &consumer, group, &topic).await?;
         let first = tokio::select! {

@@ -1,14 +1,15 @@
 //! Publishing that survives a producer which can no longer deliver.
 //!
-//! After an outage that leaves a produce request's outcome unknown, librdkafka's idempotent
-//! producer may bump its epoch on its own. Apache Kafka follows; tansu 0.6 does not (the
-//! produce request panics in its storage, "more or less than one row"), and every later
-//! record of that producer waits for ever. So a producer whose record is not delivered
-//! within [`STUCK_AFTER`] is purged and replaced by a fresh one (a new producer id, which
-//! tansu knows). The sends it held fail, and their callers publish again — every caller
+//! A producer can stop delivering for good: after an outage that leaves a produce request's
+//! outcome unknown, librdkafka's idempotent producer may bump its epoch on its own, and a
+//! broker that cannot follow (tansu 0.6) never acknowledges it again. So a producer whose
+//! record is not delivered within [`STUCK_AFTER`] is purged and replaced by a fresh one (a
+//! new producer id). The sends it held fail, and their callers publish again — every caller
 //! already publishes at least once (the relay from its outbox, the command consumer its
-//! unpublished answers, the notifier its unpublished rows), and every consumer of keyledger's
-//! topics tolerates a repeated record.
+//! unpublished answers, the notifier its unpublished rows), and every consumer of
+//! keyledger's topics tolerates a repeated record. (This does not save tansu itself when
+//! the bumped producer reaches it first; there, run without idempotence — see
+//! docs/ARCHITECTURE.md, "Known limits".)
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

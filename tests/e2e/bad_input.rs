@@ -274,12 +274,7 @@ async fn bad_input_is_rejected_precisely_and_changes_nothing() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
         assert_eq!(got["error"]["code"], json!("unauthorized"), "{what}");
     }
-    let health = app
-        .http
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .expect("sent");
+    let health = app.get_open("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK, "health needs no token");
 
     assert_eq!(

@@ -224,6 +224,15 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` without a token (the open routes).
+    pub async fn get_open(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     pub async fn call(
         &self,
         method: reqwest::Method,

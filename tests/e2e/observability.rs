@@ -16,12 +16,7 @@ async fn metrics_count_commands_and_verifications_and_readyz_reports_the_databas
     assert_eq!(app.verify("nope", None).await["code"], "malformed");
 
     // Open routes: no token.
-    let resp = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("scrape");
+    let resp = app.get_open("/metrics").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.expect("text");
     for needle in [
@@ -35,14 +30,7 @@ async fn metrics_count_commands_and_verifications_and_readyz_reports_the_databas
     }
     assert!(!text.contains(api_key), "no key in the metrics");
 
-    let (status, body) = read(
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .expect("probe"),
-    )
-    .await;
+    let (status, body) = read(app.get_open("/readyz").await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["checks"]["database"], "ok");
 }
