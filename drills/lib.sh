@@ -3,9 +3,14 @@
 # watch on /readyz, and the verdict (the load's own checks plus `keyledger audit` from the
 # events topic and from the store).
 #
+# The broker is Apache Kafka (scripts/broker). A drill that breaks the broker
+# (OWN_BROKER=1 before sourcing) starts one of its own in its work folder; the others use
+# KEYLEDGER_TEST_KAFKA_BROKERS when set (the test command's broker), else their own too.
+# keyledger runs with its production settings: nothing here differs by broker.
+#
 # Settings (environment): DRILL_COMMANDS (10000), DRILL_RATE (commands/s, 400),
 # DRILL_OUTAGE_SECONDS (30), DRILL_PROFILE (release), KEYLEDGER_TEST_DATABASE_URL (the local PostgreSQL),
-# DRILL_BROKER_PORT (19392), DRILL_KEEP=1 keeps the work folder of a drill that passed.
+# DRILL_KEEP=1 keeps the work folder of a drill that passed.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,7 +22,6 @@ COMMANDS="${DRILL_COMMANDS:-10000}"
 RATE="${DRILL_RATE:-400}"
 OUTAGE="${DRILL_OUTAGE_SECONDS:-30}"
 PGADMIN="${KEYLEDGER_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-BROKER_PORT="${DRILL_BROKER_PORT:-19392}"
 WORK=$(mktemp -d "/tmp/keyledger-drill-$DRILL.XXXXXX")
 PREFIX="drill$(date +%s)$RANDOM."
 FIGURES=()
@@ -32,12 +36,18 @@ build() {
   cargo build --profile "$profile" --quiet --manifest-path "$ROOT/Cargo.toml" --bin keyledger
 }
 
+# The broker: its own (in $WORK/broker, kept across stop/kill and start) or the shared one.
+OWN_BROKER=${OWN_BROKER:-}
+if [ -z "${KEYLEDGER_TEST_KAFKA_BROKERS:-}" ]; then OWN_BROKER=1; fi
 start_broker() {
-  if [ ! -f "$WORK/broker/tansu.pid" ] || ! kill -0 "$(cat "$WORK/broker/tansu.pid")" 2>/dev/null; then
-    "$ROOT/scripts/broker" start "$WORK/broker" "$BROKER_PORT"
+  if [ -n "$OWN_BROKER" ]; then
+    BROKERS=$("$ROOT/scripts/broker" start "$WORK/broker")
+  else
+    BROKERS=$KEYLEDGER_TEST_KAFKA_BROKERS
   fi
 }
-stop_broker() { "$ROOT/scripts/broker" stop "$WORK/broker"; }
+stop_broker() { [ -z "$OWN_BROKER" ] || "$ROOT/scripts/broker" stop "$WORK/broker"; }
+kill_broker() { "$ROOT/scripts/broker" kill "$WORK/broker"; }
 
 fresh_database() {
   # kl_test_*: the test command drops leftovers of earlier runs.
@@ -50,15 +60,10 @@ export_service_env() {
   export KEYLEDGER_DATABASE_URL="$DB"
   export KEYLEDGER_PEPPER="drill-pepper-0123456789abcdef0123456789abcdef"
   export KEYLEDGER_API_TOKEN="drill-token-0123456789abcdef0123"
-  export KEYLEDGER_KAFKA_BROKERS="127.0.0.1:$BROKER_PORT"
+  export KEYLEDGER_KAFKA_BROKERS="$BROKERS"
   export KEYLEDGER_TOPIC_PREFIX="$PREFIX"
   export KEYLEDGER_KAFKA_PARTITIONS=6
-  # tansu 0.6 stops answering for good once an idempotent producer whose epoch librdkafka
-  # bumped after an outage produces again (docs/ARCHITECTURE.md, "Known limits"): against
-  # it the drills run keyledger's producers without idempotence, one request in flight so
-  # order holds; a retried record may then appear twice, which every consumer skips.
-  # DRILL_KAFKA_OPTIONS= (empty) runs the default, for Apache Kafka.
-  export KEYLEDGER_KAFKA_OPTIONS="${DRILL_KAFKA_OPTIONS-enable.idempotence=false,max.in.flight.requests.per.connection=1}"
+  unset KEYLEDGER_KAFKA_OPTIONS
   export RUST_LOG="${RUST_LOG:-keyledger=info}"
 }
 
@@ -172,7 +177,7 @@ setup() {
   start_broker
   fresh_database
   export_service_env
-  log "database $DB, topics $PREFIX*, broker 127.0.0.1:$BROKER_PORT, work $WORK"
+  log "database $DB, topics $PREFIX*, broker $BROKERS$([ -n "$OWN_BROKER" ] && echo ' (its own)'), work $WORK"
 }
 
 # finish: every check; the drill passes when all hold.

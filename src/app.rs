@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::bus::commands::CommandConsumer;
 use crate::bus::follower::{load_index, Follower};
+use crate::bus::halt::Halts;
 use crate::bus::projector::Projector;
+use crate::bus::publisher::Publisher;
 use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
 use crate::domain::KeyHasher;
@@ -68,32 +70,35 @@ impl Application {
         );
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
+        let halts = Halts::default();
         let roles = settings.roles;
 
         match (&settings.bus, store.pg_pool().cloned()) {
             (Some(bus), Some(pool)) => {
                 bus.ensure_topics()
                     .await
-                    .context("cannot create the Kafka topics")?;
+                    .context("the Kafka topics are not fit for keyledger")?;
                 read_side.leave_listing_to_projector();
                 if roles.http {
                     let from = load_index(bus, &store, &read_side)
                         .await
                         .context("cannot load the verification index")?;
-                    let follower = Follower::new(bus.clone(), read_side.clone(), from);
+                    let follower =
+                        Follower::new(bus.clone(), read_side.clone(), from, halts.clone());
                     tasks.push(tokio::spawn(follower.run(stopped.clone())));
                 }
                 if roles.relay {
                     let relay = Relay::new(
                         pool.clone(),
-                        crate::bus::publisher::Publisher::new(bus, 5)?,
+                        Publisher::new(bus, 5)?,
                         bus.events_topic(),
                         bus.relay_batch,
                     );
                     tasks.push(tokio::spawn(relay.run(stopped.clone())));
                 }
                 if roles.projector {
-                    let projector = Projector::new(bus.clone(), store.clone(), pool.clone());
+                    let projector =
+                        Projector::new(bus.clone(), store.clone(), pool.clone(), halts.clone());
                     tasks.push(tokio::spawn(projector.run(stopped.clone())));
                 }
             }
@@ -145,7 +150,8 @@ impl Application {
                 bus.clone(),
                 pool.clone(),
                 handler.clone(),
-                crate::bus::publisher::Publisher::new(bus, 0)?,
+                Publisher::new(bus, 0)?,
+                halts.clone(),
             );
             tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
         }
@@ -158,7 +164,9 @@ impl Application {
             _ => None,
         };
         if roles.saga {
-            tasks.push(spawn_feed(&saga, &bus_pool, &store, &handler, &stopped));
+            tasks.push(spawn_feed(
+                &saga, &bus_pool, &store, &handler, &halts, &stopped,
+            ));
             let firing = Firing {
                 saga: saga.clone(),
                 handler: handler.clone(),
@@ -169,10 +177,7 @@ impl Application {
         }
         if roles.notifier {
             let producer = match &bus_pool {
-                Some((bus, _)) => Some((
-                    crate::bus::publisher::Publisher::new(bus, 5)?,
-                    bus.notifications_topic(),
-                )),
+                Some((bus, _)) => Some((Publisher::new(bus, 5)?, bus.notifications_topic())),
                 None => None,
             };
             let r = &settings.reminders;
@@ -184,7 +189,9 @@ impl Application {
                 r.smtp.clone(),
                 r.poll,
             ));
-            tasks.push(spawn_feed(&notifier, &bus_pool, &store, &handler, &stopped));
+            tasks.push(spawn_feed(
+                &notifier, &bus_pool, &store, &handler, &halts, &stopped,
+            ));
             tasks.push(tokio::spawn(notifier.send_loop(stopped.clone())));
         }
         let state = AppState {
@@ -194,6 +201,7 @@ impl Application {
             },
             saga,
             handler,
+            halts,
             read_side,
             store,
             clock: settings.clock.clone(),
@@ -300,6 +308,7 @@ fn spawn_feed<R: Reaction>(
     bus_pool: &Option<(crate::bus::BusConfig, sqlx::PgPool)>,
     store: &Arc<Store>,
     handler: &CommandHandler,
+    halts: &Halts,
     stop: &watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     match bus_pool {
@@ -308,6 +317,7 @@ fn spawn_feed<R: Reaction>(
             bus.clone(),
             store.clone(),
             pool.clone(),
+            halts.clone(),
             stop.clone(),
         )),
         None => tokio::spawn(feed::from_store(

@@ -14,6 +14,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, watch};
 
+use crate::bus::halt::Halts;
 use crate::bus::projector::consume_batches;
 use crate::bus::{supervise, BusConfig};
 use crate::store::reactions::{Effect, Reactions};
@@ -50,15 +51,17 @@ pub async fn from_bus<R: Reaction>(
     bus: BusConfig,
     store: Arc<Store>,
     pool: PgPool,
+    halts: Halts,
     stop: watch::Receiver<bool>,
 ) {
     let topic = bus.events_topic();
-    supervise(reaction.name(), stop, |s| {
-        let (reaction, store, topic) = (&reaction, &store, &topic);
+    supervise(reaction.name(), &halts, stop, |s| {
+        let (reaction, store, topic, halts) = (&reaction, &store, &topic, &halts);
         consume_batches(
             &bus,
             &pool,
             reaction.name(),
+            halts,
             bus.projector_batch,
             s,
             move |batch, next| async move {

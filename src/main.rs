@@ -68,16 +68,19 @@ async fn main() -> ExitCode {
         } => bench_restart(database_url, keys).await,
         Commands::Bench {
             what: BenchWhat::Commands(a),
-        } => {
-            keyledger::bench::bus::run(keyledger::bench::bus::LoadSettings {
-                bus: a.target.bus(),
-                database_url: a.target.database_url,
-                commands: a.count,
-                accounts: a.accounts.max(1),
-                raw: a.raw,
-            })
-            .await
-        }
+        } => match a.target.bus() {
+            Ok(bus) => {
+                keyledger::bench::bus::run(keyledger::bench::bus::LoadSettings {
+                    bus,
+                    database_url: a.target.database_url,
+                    commands: a.count,
+                    accounts: a.accounts.max(1),
+                    raw: a.raw,
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -201,7 +204,7 @@ async fn bench_restart(database_url: String, keys: usize) -> anyhow::Result<()> 
 
 async fn drill(a: keyledger::cli::DrillArgs) -> anyhow::Result<bool> {
     let (report, pass) = keyledger::drill::load(keyledger::drill::DrillSettings {
-        bus: a.target.bus(),
+        bus: a.target.bus()?,
         database_url: a.target.database_url,
         commands: a.commands,
         accounts: a.accounts.max(1),

@@ -92,9 +92,9 @@ const HELP: &[(&str, &str, &str)] = &[
         "Command envelopes sent to the dead-letter topic, by reason.",
     ),
     (
-        "keyledger_producers_replaced_total",
-        "counter",
-        "Producers replaced because a record waited too long for its acknowledgement.",
+        "keyledger_consumer_halted",
+        "gauge",
+        "1 while a consumer is halted because its next offset is outside the log (records deleted before they were read); it never skips ahead.",
     ),
     (
         "keyledger_reminders_total",

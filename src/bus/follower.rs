@@ -4,15 +4,18 @@
 //! At start it loads the persisted index and the projector's offsets from one PostgreSQL
 //! snapshot, then reads every partition of the events topic from those offsets (assigned,
 //! not in a group: every instance needs every event). Each event is folded in; what the
-//! index already has is skipped by its per-account sequence.
+//! index already has is skipped by its per-account sequence. An offset the log no longer
+//! holds halts the follower (nothing is skipped; see [`super::halt`]).
 
 use std::sync::{Arc, Mutex};
 
 use keyledger_projections::VerificationIndex;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
+use super::group::{blocking, is_out_of_range};
+use super::halt::{out_of_range, Halts};
 use super::projector::parse_event;
 use super::{supervise, BusConfig, BusError};
 use crate::read_side::ReadSide;
@@ -51,32 +54,51 @@ pub async fn load_index(
     Ok(snapshot.offsets)
 }
 
+/// The name the follower goes by in logs, `/readyz` and metrics.
+const PART: &str = "index-follower";
+
 pub struct Follower {
     bus: BusConfig,
     read_side: Arc<ReadSide>,
     from: Mutex<Vec<(i32, i64)>>,
+    halts: Halts,
 }
 
 impl Follower {
-    pub fn new(bus: BusConfig, read_side: Arc<ReadSide>, from: Vec<(i32, i64)>) -> Self {
+    pub fn new(
+        bus: BusConfig,
+        read_side: Arc<ReadSide>,
+        from: Vec<(i32, i64)>,
+        halts: Halts,
+    ) -> Self {
         Self {
             bus,
             read_side,
             from: Mutex::new(from),
+            halts,
         }
     }
 
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        supervise("index follower", stop, |s| self.follow(s)).await;
+        supervise(PART, &self.halts, stop, |s| self.follow(s)).await;
     }
 
     async fn follow(&self, mut stop: watch::Receiver<bool>) -> Result<(), BusError> {
         let topic = self.bus.events_topic();
         let from = self.from.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let consumer: StreamConsumer = self.bus.reader(&topic, &from)?;
+        self.check_range(&consumer, &topic, &from)?;
         loop {
             let m = tokio::select! {
-                m = consumer.recv() => m?,
+                m = consumer.recv() => match m {
+                    Ok(m) => m,
+                    Err(e) if is_out_of_range(&e) => {
+                        let from = self.from.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        self.check_range(&consumer, &topic, &from)?;
+                        return Err(BusError::OutOfRange(format!("{topic}: {e}")));
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 _ = stop.changed() => return Ok(()),
             };
             // Resume from here if the connection has to be re-established.
@@ -95,6 +117,33 @@ impl Follower {
                     tracing::error!(error = %e, "unreadable record on the events topic; skipped")
                 }
             }
+        }
+    }
+
+    /// Whether every partition's next offset lies inside the log; clears a halt when so.
+    fn check_range(
+        &self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        from: &[(i32, i64)],
+    ) -> Result<(), BusError> {
+        let mut problems = Vec::new();
+        for e in consumer.assignment()?.elements_for_topic(topic) {
+            let start = from
+                .iter()
+                .find(|(p, _)| *p == e.partition())
+                .map(|(_, o)| *o)
+                .unwrap_or(0);
+            let (low, high) = blocking(|| {
+                consumer.fetch_watermarks(topic, e.partition(), std::time::Duration::from_secs(5))
+            })?;
+            problems.extend(out_of_range(topic, e.partition(), start, low, high));
+        }
+        if problems.is_empty() {
+            self.halts.clear(PART);
+            Ok(())
+        } else {
+            Err(BusError::OutOfRange(problems.join("; ")))
         }
     }
 }

@@ -6,32 +6,52 @@
 //!   publishes one result per envelope (or a dead letter for what cannot be parsed).
 //! - [`projector`] builds the listing table and the persisted verification index from the
 //!   events topic; [`follower`] keeps each instance's in-memory index current from it.
+//! - [`group`] is the consumer plumbing they share: offsets in PostgreSQL, read at
+//!   assignment, and an offset that fell out of the log stops the consumer instead of
+//!   skipping ([`halt`] records which role stopped and why, for `/readyz` and `/metrics`).
+//! - [`topics`] creates the topics with the settings an event log needs and refuses an
+//!   events topic that would lose events.
 //!
 //! Consumer offsets live in PostgreSQL (`consumer_offsets`), written in the same
 //! transaction as the effect they record; Kafka's own group offsets are not relied on.
-//! Producers are idempotent; no Kafka transactions are used.
+//! Producers are idempotent (`acks=all`); no Kafka transactions are used.
 
 pub use crate::chain;
 pub mod commands;
 pub mod follower;
-pub mod orphans;
+pub mod group;
+pub mod halt;
 pub mod projector;
 pub mod publisher;
 pub mod relay;
 pub mod seal;
+pub mod topics;
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::FromClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// Settings keyledger fixes for every client: the delivery and offset guarantees rest on
+/// them, so `KEYLEDGER_KAFKA_OPTIONS` may not change them.
+pub const FIXED_SETTINGS: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "transactional.id",
+    "isolation.level",
+    "group.id",
+    "bootstrap.servers",
+];
 
 /// Kafka settings.
 #[derive(Debug, Clone)]
@@ -40,9 +60,15 @@ pub struct BusConfig {
     /// Prefix of every topic name (`keyledger.`).
     pub topic_prefix: String,
     pub partitions: i32,
+    /// Replication factor of the topics keyledger creates.
     pub replication: i32,
-    /// Extra librdkafka settings (`key=value`), applied to every client.
-    pub overrides: Vec<(String, String)>,
+    /// Retention of the commands, command-results and notifications topics (ms).
+    pub retention_ms: i64,
+    /// Retention of the dead-letters topic (ms).
+    pub dead_letter_retention_ms: i64,
+    /// Extra librdkafka settings (`key=value`), applied to every client; see
+    /// [`BusConfig::with_overrides`].
+    overrides: Vec<(String, String)>,
     /// Consumer group of the command consumer.
     pub commands_group: String,
     /// Consumer group of the projector.
@@ -55,6 +81,11 @@ pub struct BusConfig {
     pub projector_batch: usize,
 }
 
+/// Seven days, Kafka's own default, for the topics that carry requests and answers.
+pub const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Thirty days for the dead letters: long enough for an operator to look.
+pub const DEFAULT_DEAD_LETTER_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
+
 impl BusConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
@@ -62,6 +93,8 @@ impl BusConfig {
             topic_prefix: "keyledger.".into(),
             partitions: 6,
             replication: 1,
+            retention_ms: DEFAULT_RETENTION_MS,
+            dead_letter_retention_ms: DEFAULT_DEAD_LETTER_RETENTION_MS,
             overrides: Vec::new(),
             commands_group: "keyledger-commands".into(),
             projector_group: "keyledger-projector".into(),
@@ -69,6 +102,18 @@ impl BusConfig {
             relay_batch: 1000,
             projector_batch: 500,
         }
+    }
+
+    /// Adds librdkafka settings for every client (security, timeouts, tuning). The settings
+    /// keyledger's guarantees rest on ([`FIXED_SETTINGS`]) are refused.
+    pub fn with_overrides(mut self, overrides: Vec<(String, String)>) -> Result<Self, BusError> {
+        for (k, _) in &overrides {
+            if FIXED_SETTINGS.contains(&k.as_str()) {
+                return Err(BusError::FixedSetting(k.clone()));
+            }
+        }
+        self.overrides = overrides;
+        Ok(self)
     }
 
     pub fn topic(&self, name: &str) -> String {
@@ -102,10 +147,9 @@ impl BusConfig {
         c
     }
 
-    /// An idempotent producer (acks=all, ordered retries). Never transactional. A record
-    /// waits up to 10 minutes for the brokers: through an outage it is delivered late, not
-    /// timed out (a timed-out batch also makes librdkafka bump the producer epoch, which
-    /// tansu 0.6 cannot follow: its storage task panics on the next produce).
+    /// An idempotent producer (`acks=all`, retries that keep order and never duplicate).
+    /// Never transactional. A record waits up to 10 minutes for the brokers: through an
+    /// outage it is delivered late, not timed out.
     /// `linger_ms`: how long a record may wait to share a batch (latency against
     /// throughput: 0 for answers someone waits on, a few ms for the relay's bulk).
     pub fn producer(&self, linger_ms: u32) -> Result<FutureProducer, BusError> {
@@ -113,17 +157,14 @@ impl BusConfig {
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", linger_ms.to_string())
-            .set("message.timeout.ms", "600000")
-            .set("message.max.bytes", "16777216");
-        for (k, v) in &self.overrides {
-            c.set(k, v);
-        }
+            .set("message.timeout.ms", "600000");
         Ok(c.create()?)
     }
 
     /// A consumer outside any group, assigned every partition of `topic` from the offsets
-    /// in `from` (partition, next offset), or from the beginning where none is given.
-    pub fn reader<C: FromClientConfig + Consumer>(
+    /// in `from` (partition, next offset), from offset 0 where none is given. An offset the
+    /// log no longer holds is an error (`auto.offset.reset=error`), never a jump.
+    pub fn reader<C: rdkafka::config::FromClientConfig + Consumer>(
         &self,
         topic: &str,
         from: &[(i32, i64)],
@@ -134,10 +175,8 @@ impl BusConfig {
             format!("keyledger-reader-{}", uuid::Uuid::new_v4()),
         )
         .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", "100");
-        for (k, v) in &self.overrides {
-            c.set(k, v);
-        }
         let consumer: C = c.create()?;
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let mut tpl = TopicPartitionList::new();
@@ -146,9 +185,9 @@ impl BusConfig {
                 let offset = from
                     .iter()
                     .find(|(q, _)| *q == p.id())
-                    .map(|(_, o)| Offset::Offset(*o))
-                    .unwrap_or(Offset::Beginning);
-                tpl.add_partition_offset(topic, p.id(), offset)?;
+                    .map(|(_, o)| *o)
+                    .unwrap_or(0);
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(offset))?;
             }
         }
         consumer.assign(&tpl)?;
@@ -163,52 +202,43 @@ impl BusConfig {
             topic: self.events_topic(),
         })
     }
-
-    /// Creates keyledger's topics when missing.
-    pub async fn ensure_topics(&self) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
-        let names = [
-            (self.commands_topic(), self.partitions),
-            (self.results_topic(), self.partitions),
-            (self.events_topic(), self.partitions),
-            (self.notifications_topic(), self.partitions),
-            (self.dead_letters_topic(), 1),
-        ];
-        let topics: Vec<NewTopic<'_>> = names
-            .iter()
-            .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(self.replication)))
-            .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin.create_topics(&topics, &opts).await? {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(BusError::Topic(topic, code.to_string())),
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Runs `attempt` until it ends cleanly or `stop` turns true; a failed attempt (broker or
 /// database away) is logged and retried with back-off (100 ms doubling to 5 s), so the
-/// service keeps running through outages.
-pub(crate) async fn supervise<F, Fut>(part: &str, mut stop: watch::Receiver<bool>, mut attempt: F)
-where
+/// service keeps running through outages. An offset that fell out of the log
+/// ([`BusError::OutOfRange`]) is different: the part halts — it consumes nothing, says so
+/// in the log, `/readyz` and `keyledger_consumer_halted` — and looks again every
+/// [`halt::RECHECK`], so that an operator's repair takes effect without a restart. It never
+/// skips ahead.
+pub(crate) async fn supervise<F, Fut>(
+    part: &str,
+    halts: &halt::Halts,
+    mut stop: watch::Receiver<bool>,
+    mut attempt: F,
+) where
     F: FnMut(watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = Result<(), BusError>>,
 {
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
-        match attempt(stop.clone()).await {
+        let result = attempt(stop.clone()).await;
+        let wait = match result {
             Ok(()) => break,
+            Err(BusError::OutOfRange(report)) => {
+                tracing::error!(part, problem = %report, "halted: the log no longer holds what this part must read next; it will not skip ahead (docs/OPERATIONS.md, \"Offset out of range\")");
+                halts.halted(part, &report);
+                halt::RECHECK
+            }
             Err(e) => {
                 tracing::warn!(part, error = %e, "interrupted; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
-                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff / 2
             }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
         }
     }
     tracing::info!(part, "stopped");
@@ -242,6 +272,14 @@ pub enum BusError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot create topic {0}: {1}")]
     Topic(String, String),
+    /// An existing topic whose settings would lose what keyledger keeps there.
+    #[error("{0}")]
+    TopicSettings(String),
+    /// A stored offset the log no longer holds (or never held): nothing is skipped.
+    #[error("offset out of range: {0}")]
+    OutOfRange(String),
+    #[error("KEYLEDGER_KAFKA_OPTIONS may not set {0}: keyledger fixes it (idempotent producers, offsets kept in PostgreSQL, no silent offset reset)")]
+    FixedSetting(String),
     #[error("database: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("database: {0}")]

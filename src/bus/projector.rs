@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use keyledger_events::{EventEnvelope, KeyringEvent};
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use super::commands::{group_consumer, Positions, RebalanceFlag};
+use super::group::{note_offset, Group};
+use super::halt::Halts;
 use super::{supervise, BusConfig, BusError};
 use crate::store::{project_batch, Store, StoredRecord};
 
@@ -42,15 +42,22 @@ pub struct Projector {
     bus: BusConfig,
     store: std::sync::Arc<Store>,
     pool: PgPool,
+    halts: Halts,
 }
 
 impl Projector {
-    pub fn new(bus: BusConfig, store: std::sync::Arc<Store>, pool: PgPool) -> Self {
-        Self { bus, store, pool }
+    pub fn new(bus: BusConfig, store: std::sync::Arc<Store>, pool: PgPool, halts: Halts) -> Self {
+        Self {
+            bus,
+            store,
+            pool,
+            halts,
+        }
     }
 
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        supervise("projector", stop, |s| self.consume(s)).await;
+        let group = self.bus.projector_group.clone();
+        supervise(&group, &self.halts, stop, |s| self.consume(s)).await;
     }
 
     async fn consume(&self, stop: watch::Receiver<bool>) -> Result<(), BusError> {
@@ -60,6 +67,7 @@ impl Projector {
             &self.bus,
             &self.pool,
             &group,
+            &self.halts,
             self.bus.projector_batch,
             stop,
             |by_account, next| {
@@ -85,6 +93,7 @@ pub async fn consume_batches<F, Fut>(
     bus: &BusConfig,
     pool: &PgPool,
     group: &str,
+    halts: &Halts,
     batch: usize,
     mut stop: watch::Receiver<bool>,
     mut apply: F,
@@ -94,16 +103,12 @@ where
     Fut: std::future::Future<Output = Result<(), BusError>>,
 {
     let topic = bus.events_topic();
-    let consumer: StreamConsumer<RebalanceFlag> = group_consumer(bus, group, &topic)?;
-    let mut positions = Positions::new(group, &topic);
-    let mut orphans = super::orphans::OrphanWatch::default();
+    let member = Group::join(bus, pool, group, &topic, halts)?;
     loop {
-        orphans.check(pool, &consumer, group, &topic).await?;
         let first = tokio::select! {
-            m = tokio::time::timeout(Duration::from_secs(3), consumer.recv()) => match m {
-                Ok(m) => m?,
-                // Idle: loop round so the orphan check runs.
-                Err(_) => continue,
+            m = member.next(Duration::from_secs(3)) => match m? {
+                Some(m) => m,
+                None => continue,
             },
             _ = stop.changed() => return Ok(()),
         };
@@ -112,44 +117,32 @@ where
         let mut messages = vec![first];
         let deadline = tokio::time::Instant::now() + GATHER;
         while messages.len() < batch.max(1) {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(m) => messages.push(m?),
-                Err(_) => break,
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match member.next(left).await? {
+                Some(m) => messages.push(m),
+                None => break,
             }
         }
         let mut by_account: Vec<(String, Vec<StoredRecord>)> = Vec::new();
         let mut next: Vec<(i32, i64)> = Vec::new();
         for m in &messages {
-            let (partition, offset) = (m.partition(), m.offset());
-            if positions
-                .already_done(pool, &consumer, partition, offset)
-                .await?
-            {
-                continue;
-            }
-            match next.iter_mut().find(|(p, _)| *p == partition) {
-                Some(entry) => entry.1 = entry.1.max(offset + 1),
-                None => next.push((partition, offset + 1)),
-            }
+            note_offset(&mut next, m);
             match parse_event(m.payload().unwrap_or_default()) {
                 Ok(record) => match by_account.iter_mut().find(|(a, _)| *a == record.account_id) {
                     Some((_, records)) => records.push(record),
                     None => by_account.push((record.account_id.clone(), vec![record])),
                 },
                 Err(e) => {
-                    tracing::error!(group, partition, offset, error = %e, "unreadable record on the events topic; skipped")
+                    tracing::error!(group, partition = m.partition(), offset = m.offset(), error = %e, "unreadable record on the events topic; skipped")
                 }
             }
-        }
-        if next.is_empty() {
-            continue;
         }
         // A republished record may repeat one already in this batch: keep order, drop repeats.
         for (_, records) in &mut by_account {
             records.sort_by_key(|r| r.sequence);
             records.dedup_by_key(|r| r.sequence);
         }
-        apply(by_account, next.clone()).await?;
+        apply(by_account, next).await?;
         if let Some(ms) = messages.last().and_then(|m| m.timestamp().to_millis()) {
             let lag = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
             crate::metrics::metrics().set(
@@ -157,9 +150,6 @@ where
                 &[("consumer", group)],
                 lag,
             );
-        }
-        for (p, n) in next {
-            positions.advance(p, n);
         }
     }
 }

@@ -65,7 +65,11 @@ impl Relay {
 
     /// Runs until `stop` turns true; finishes the batch in hand first.
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        supervise("relay", stop, |s| self.lead(s)).await;
+        // The relay reads no topic: nothing of it can halt.
+        supervise("relay", &super::halt::Halts::default(), stop, |s| {
+            self.lead(s)
+        })
+        .await;
     }
 
     /// Takes the lead (the advisory lock) and publishes until stopped.

@@ -188,20 +188,25 @@ pub struct TargetArgs {
 
 impl TargetArgs {
     /// The bus configuration of the target (its brokers and topic prefix).
-    pub fn bus(&self) -> BusConfig {
+    pub fn bus(&self) -> anyhow::Result<BusConfig> {
         let mut bus = BusConfig::new(self.kafka_brokers.clone());
         bus.topic_prefix = self.topic_prefix.clone();
-        bus.overrides = kafka_overrides(&self.kafka_options);
-        bus
+        Ok(bus.with_overrides(kafka_overrides(&self.kafka_options)?)?)
     }
 }
 
 /// `key=value` librdkafka settings, as given on the command line or in the environment.
-fn kafka_overrides(options: &[String]) -> Vec<(String, String)> {
+fn kafka_overrides(options: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     options
         .iter()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            None => Err(anyhow::anyhow!(
+                "KEYLEDGER_KAFKA_OPTIONS: '{}' is not key=value",
+                kv.split(':').next().unwrap_or_default()
+            )),
+        })
         .collect()
 }
 
@@ -304,11 +309,20 @@ pub struct ServeArgs {
     /// Partitions of the topics keyledger creates.
     #[arg(long, env = "KEYLEDGER_KAFKA_PARTITIONS", default_value_t = 6)]
     pub kafka_partitions: i32,
-    /// Replication factor of the topics keyledger creates.
-    #[arg(long, env = "KEYLEDGER_KAFKA_REPLICATION", default_value_t = 1)]
+    /// Replication factor of the topics keyledger creates (the events topic gets
+    /// min.insync.replicas = min(2, this)).
+    #[arg(long, env = "KEYLEDGER_KAFKA_REPLICATION", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     pub kafka_replication: i32,
+    /// Retention of the commands, command-results and notifications topics keyledger
+    /// creates, in milliseconds (the events topic keeps everything, always).
+    #[arg(long, env = "KEYLEDGER_KAFKA_RETENTION_MS", default_value_t = crate::bus::DEFAULT_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
+    pub kafka_retention_ms: i64,
+    /// Retention of the dead-letters topic keyledger creates, in milliseconds.
+    #[arg(long, env = "KEYLEDGER_KAFKA_DEAD_LETTER_RETENTION_MS", default_value_t = crate::bus::DEFAULT_DEAD_LETTER_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
+    pub kafka_dead_letter_retention_ms: i64,
     /// An extra librdkafka setting `key=value` for every client (repeatable; the
-    /// environment variable takes a comma-separated list).
+    /// environment variable takes a comma-separated list). The delivery and offset settings
+    /// keyledger relies on (idempotence, acks, offset reset and commits) cannot be changed.
     #[arg(
         long = "kafka-option",
         env = "KEYLEDGER_KAFKA_OPTIONS",
@@ -395,17 +409,22 @@ impl ServeArgs {
             default_from: self.default_from.clone(),
             max_db_connections: self.db_connections,
             legacy_salt: self.legacy_salt.clone(),
-            bus: self.kafka_brokers.as_ref().map(|brokers| {
-                let mut bus = BusConfig::new(brokers.clone());
-                bus.topic_prefix = self.topic_prefix.clone();
-                bus.partitions = self.kafka_partitions.max(1);
-                bus.replication = self.kafka_replication.max(1);
-                bus.max_command_bytes = self.max_command_bytes;
-                bus.relay_batch = self.relay_batch;
-                bus.projector_batch = self.projector_batch;
-                bus.overrides = kafka_overrides(&self.kafka_options);
-                bus
-            }),
+            bus: self
+                .kafka_brokers
+                .as_ref()
+                .map(|brokers| -> anyhow::Result<BusConfig> {
+                    let mut bus = BusConfig::new(brokers.clone());
+                    bus.topic_prefix = self.topic_prefix.clone();
+                    bus.partitions = self.kafka_partitions.max(1);
+                    bus.replication = self.kafka_replication.max(1);
+                    bus.retention_ms = self.kafka_retention_ms;
+                    bus.dead_letter_retention_ms = self.kafka_dead_letter_retention_ms;
+                    bus.max_command_bytes = self.max_command_bytes;
+                    bus.relay_batch = self.relay_batch;
+                    bus.projector_batch = self.projector_batch;
+                    Ok(bus.with_overrides(kafka_overrides(&self.kafka_options)?)?)
+                })
+                .transpose()?,
             roles: self.role,
             reminders: ReminderSettings {
                 stages: self.reminder_stages.clone(),

@@ -26,8 +26,8 @@ async fn relay_backlog(state: &AppState) -> Option<(i64, f64)> {
     .ok()
 }
 
-/// Ready when the database answers, the brokers answer (with the bus), and committed events
-/// reach the events topic within a minute.
+/// Ready when the database answers, the brokers answer (with the bus), committed events
+/// reach the events topic within a minute, and no consumer halted.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut checks = serde_json::Map::new();
     let mut ready = true;
@@ -54,6 +54,16 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                 json!({"records": rows, "oldest_seconds": age, "ok": ok}),
             );
         }
+    }
+    // A consumer whose offset fell out of the log consumes nothing until repaired.
+    let halted = state.halts.current();
+    if !halted.is_empty() {
+        ready = false;
+        let parts: serde_json::Map<String, Value> = halted
+            .into_iter()
+            .map(|(part, _)| (part, json!("halted: offset out of range (see the log)")))
+            .collect();
+        checks.insert("consumers".into(), Value::Object(parts));
     }
     let status = if ready {
         StatusCode::OK

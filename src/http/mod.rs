@@ -34,6 +34,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub token_hash: blake3::Hash,
     pub saga: Arc<crate::reminders::saga::Saga>,
+    /// Consumers that stopped because the log no longer holds what they must read.
+    pub halts: crate::bus::halt::Halts,
     /// Set when the bus is on: readiness asks the brokers.
     pub bus: Option<crate::bus::BusProbe>,
 }

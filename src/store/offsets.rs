@@ -43,3 +43,18 @@ pub async fn save<'e>(
     .await?;
     Ok(())
 }
+
+/// Every stored next offset of `consumer` on `topic`, as (partition, next offset).
+pub async fn load_all<'e>(
+    db: impl PgExecutor<'e>,
+    consumer: &str,
+    topic: &str,
+) -> Result<Vec<(i32, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE consumer = $1 AND topic = $2",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .fetch_all(db)
+    .await
+}

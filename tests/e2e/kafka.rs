@@ -1,5 +1,4 @@
-//! Helpers for tests against the real Kafka-protocol broker (tansu, started by
-//! scripts/test): topic names per test, a plain producer, a reader of whole topics, and the
+//! Helpers for tests against the real broker (Apache Kafka, started by scripts/test): topic names per test, a plain producer, a reader of whole topics, and the
 //! service as separate processes that can be killed.
 
 use std::process::Stdio;
@@ -33,7 +32,7 @@ pub fn bus() -> BusConfig {
 pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers())
-        .set("message.max.bytes", "16000000")
+        .set("enable.idempotence", "true")
         .set("linger.ms", "0")
         .create()
         .expect("producer")
@@ -66,8 +65,18 @@ impl Record {
 
 /// Reads `topic` from the beginning until `done(records)` or `timeout`.
 pub fn read_until(topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    read_from(&brokers(), topic, timeout, done)
+}
+
+/// As [`read_until`], from the broker at `brokers`.
+pub fn read_from(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")

@@ -9,6 +9,7 @@ mod bad_input;
 mod bus;
 mod cli;
 mod concurrency;
+mod event_log;
 mod kafka;
 mod legacy;
 mod lifecycle;

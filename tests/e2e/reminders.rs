@@ -19,9 +19,9 @@ use crate::kafka;
 use crate::smtp::{Mail, SmtpSink};
 
 const WAIT: Duration = Duration::from_secs(30);
-/// After a restart the new consumers must first join their groups; on a loaded machine
-/// tansu can take a few rounds of that (see `OrphanWatch`).
-const WAIT_AFTER_RESTART: Duration = Duration::from_secs(90);
+/// After a restart the new consumers must first join their groups (a killed member's
+/// partitions move only after its session timeout).
+const WAIT_AFTER_RESTART: Duration = Duration::from_secs(60);
 /// How long "nothing more arrives" is watched for: many saga ticks and notifier polls.
 const QUIET: Duration = Duration::from_millis(2500);
 
