@@ -9,7 +9,8 @@
 # keyledger runs with its production settings: nothing here differs by broker.
 #
 # Settings (environment): DRILL_COMMANDS (10000), DRILL_RATE (commands/s, 400),
-# DRILL_OUTAGE_SECONDS (30), DRILL_PROFILE (release), KEYLEDGER_TEST_DATABASE_URL (the local PostgreSQL),
+# DRILL_OUTAGE_SECONDS (30), DRILL_PROFILE (release), KEYLEDGER_TEST_DATABASE_URL and
+# DRILL_PG_RESTART (a PostgreSQL and how to restart it; else the drill's own cluster),
 # DRILL_KEEP=1 keeps the work folder of a drill that passed.
 set -euo pipefail
 
@@ -21,7 +22,6 @@ BIN="$CARGO_TARGET_DIR/$PROFILE/keyledger"
 COMMANDS="${DRILL_COMMANDS:-10000}"
 RATE="${DRILL_RATE:-400}"
 OUTAGE="${DRILL_OUTAGE_SECONDS:-30}"
-PGADMIN="${KEYLEDGER_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 WORK=$(mktemp -d "/tmp/keyledger-drill-$DRILL.XXXXXX")
 PREFIX="drill$(date +%s)$RANDOM."
 FIGURES=()
@@ -48,6 +48,21 @@ start_broker() {
 }
 stop_broker() { [ -z "$OWN_BROKER" ] || "$ROOT/scripts/broker" stop "$WORK/broker"; }
 kill_broker() { "$ROOT/scripts/broker" kill "$WORK/broker"; }
+
+# PostgreSQL: the test command's (KEYLEDGER_TEST_DATABASE_URL, restarted by
+# DRILL_PG_RESTART), else a cluster of the drill's own in $WORK/pg with production settings.
+start_postgres() {
+  if [ -n "${KEYLEDGER_TEST_DATABASE_URL:-}" ]; then
+    PGADMIN=$KEYLEDGER_TEST_DATABASE_URL
+  else
+    PGADMIN=$("$ROOT/scripts/postgres" start "$WORK/pg")
+    DRILL_PG_RESTART="$ROOT/scripts/postgres restart $WORK/pg ${DRILL_PG_DOWN_SECONDS:-5}"
+  fi
+}
+restart_postgres() {
+  [ -n "${DRILL_PG_RESTART:-}" ] || { log "DRILL_PG_RESTART is not set: cannot restart KEYLEDGER_TEST_DATABASE_URL's server"; return 1; }
+  eval "$DRILL_PG_RESTART"
+}
 
 fresh_database() {
   # kl_test_*: the test command drops leftovers of earlier runs.
@@ -167,6 +182,7 @@ cleanup() {
     case "$p" in */health.pid|*/load.pid) ;; *) stop_service "$(basename "$p" .pid)" ;; esac
   done
   stop_broker >/dev/null 2>&1 || true
+  [ ! -d "$WORK/pg" ] || "$ROOT/scripts/postgres" stop "$WORK/pg" || true
   if [ -n "${PASSED:-}" ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -175,6 +191,7 @@ trap cleanup EXIT
 setup() {
   build
   start_broker
+  start_postgres
   fresh_database
   export_service_env
   log "database $DB, topics $PREFIX*, broker $BROKERS$([ -n "$OWN_BROKER" ] && echo ' (its own)'), work $WORK"

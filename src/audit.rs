@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Months, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
-use keyledger_events::{EventEnvelope, KeyringEvent};
+use keyledger_events::{decode_event, KeyringEvent};
 use keyledger_projections::{Listing, ListingRow};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::bus::{projector::record_of, BusConfig};
-use crate::chain;
+use crate::bus::BusConfig;
+use keyledger_events::chain;
 use crate::store::{index_snapshot, Store, REPLAY_PAGE};
 
 /// One thing found wrong.
@@ -94,6 +94,8 @@ pub struct Auditor {
     findings: Vec<Finding>,
     events: u64,
     duplicates: u64,
+    /// Reused for the canonical bytes of each event.
+    buffer: Vec<u8>,
 }
 
 impl Auditor {
@@ -105,6 +107,7 @@ impl Auditor {
             findings: Vec::new(),
             events: 0,
             duplicates: 0,
+            buffer: Vec::with_capacity(1024),
         }
     }
 
@@ -115,6 +118,36 @@ impl Auditor {
             sequence,
             message,
         });
+    }
+
+    /// Folds one record of the events topic (its bytes, its key, where it was).
+    pub fn feed_record(&mut self, bytes: &[u8], key: Option<&[u8]>, partition: i32, offset: i64) {
+        match decode_event(bytes) {
+            Ok(d) => {
+                if key.is_some_and(|k| k != d.account_id.as_bytes()) {
+                    self.find(
+                        "format",
+                        &d.account_id,
+                        Some(d.sequence),
+                        format!("record at {partition}/{offset} is not keyed by its account id"),
+                    );
+                    return;
+                }
+                self.feed(&d.account_id, d.sequence, &d.event, Some(&d.chain), Some(bytes))
+            }
+            Err(e) => self.find("format", "", None, format!("record at {partition}/{offset}: {e}")),
+        }
+    }
+
+    /// Takes in a fold of other accounts.
+    fn merge(&mut self, other: Auditor) {
+        self.accounts.extend(other.accounts);
+        self.listing.merge(other.listing);
+        self.findings.extend(other.findings);
+        self.findings
+            .sort_by(|a, b| (&a.account_id, a.sequence).cmp(&(&b.account_id, b.sequence)));
+        self.events += other.events;
+        self.duplicates += other.duplicates;
     }
 
     /// Events folded and findings so far.
@@ -133,18 +166,25 @@ impl Auditor {
             && self.opts.until.is_none_or(|t| event.occurred_at() <= t)
     }
 
-    /// Folds one event; `carried` is the chain value the source holds for it.
+    /// Folds one event; `carried` is the chain value the source holds for it, `raw` the
+    /// bytes it was read from (scanned for secrets; the event is serialised when absent).
     pub fn feed(
         &mut self,
         account: &str,
         sequence: u64,
         event: &KeyringEvent,
         carried: Option<&str>,
+        raw: Option<&[u8]>,
     ) {
         if !self.wants(account, event) {
             return;
         }
-        let acc = self.accounts.entry(account.to_owned()).or_default();
+        if !self.accounts.contains_key(account) {
+            self.accounts.insert(account.to_owned(), AccountAudit::default());
+        }
+        let Some(acc) = self.accounts.get_mut(account) else {
+            return;
+        };
         if sequence <= acc.last {
             let same = carried.and_then(chain::from_hex).is_some_and(|c| {
                 acc.chains
@@ -164,11 +204,10 @@ impl Auditor {
             }
             return;
         }
-        let acc = self.accounts.get_mut(account).expect("entry exists");
         let expected = acc.last + 1;
         let gap = sequence != expected;
         let previous = acc.chains.last().copied().unwrap_or(chain::GENESIS);
-        let computed = chain::next(&previous, account, sequence, event);
+        let computed = chain::next_with(&mut self.buffer, &previous, account, sequence, event);
         let carried_value = carried.and_then(chain::from_hex);
         // Re-anchor on the carried value, so one bad event is reported once, not for ever.
         let value = carried_value.unwrap_or(computed);
@@ -196,14 +235,16 @@ impl Auditor {
             }
         }
         self.check_invariants(account, sequence, event);
-        self.check_secrets(account, sequence, event);
+        self.check_secrets(account, sequence, event, raw);
         self.listing.apply(account, sequence, event);
     }
 
     fn check_invariants(&mut self, account: &str, seq: u64, event: &KeyringEvent) {
         let months = self.opts.validity_months;
         let mut problems: Vec<String> = Vec::new();
-        let acc = self.accounts.get_mut(account).expect("entry exists");
+        let Some(acc) = self.accounts.get_mut(account) else {
+            return;
+        };
         let live_label_taken = |keys: &HashMap<Uuid, KeyAudit>, label: &str| {
             keys.values().any(|k| !k.revoked && k.label == label)
         };
@@ -312,9 +353,12 @@ impl Auditor {
         }
     }
 
-    fn check_secrets(&mut self, account: &str, seq: u64, event: &KeyringEvent) {
-        let bytes = serde_json::to_vec(event).unwrap_or_default();
-        if contains_plaintext_key(&bytes) {
+    fn check_secrets(&mut self, account: &str, seq: u64, event: &KeyringEvent, raw: Option<&[u8]>) {
+        let found = match raw {
+            Some(bytes) => contains_plaintext_key(bytes),
+            None => contains_plaintext_key(&serde_json::to_vec(event).unwrap_or_default()),
+        };
+        if found {
             self.find(
                 "secrets",
                 account,
@@ -366,9 +410,7 @@ impl Auditor {
 /// then 44 characters of standard base64. A byte scan, so it is cheap on every event.
 pub fn contains_plaintext_key(bytes: &[u8]) -> bool {
     let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
-    let mut from = 0;
-    while let Some(at) = bytes[from..].windows(4).position(|w| w == b"_v1_") {
-        let start = from + at;
+    for start in memchr::memmem::find_iter(bytes, b"_v1_") {
         let has_user = start > 0 && bytes[start - 1].is_ascii_alphanumeric();
         let secret = &bytes[start + 4..];
         let long_enough = secret.len() >= 44 && secret[..44].iter().all(|c| b64(*c));
@@ -376,7 +418,6 @@ pub fn contains_plaintext_key(bytes: &[u8]) -> bool {
         if has_user && long_enough && ends_there {
             return true;
         }
-        from = start + 4;
     }
     false
 }
@@ -458,7 +499,7 @@ pub async fn from_store(store: &Store, opts: AuditOptions) -> anyhow::Result<Aud
                     .get(&(r.account_id.clone(), r.sequence))
                     .map(String::as_str)
             });
-            auditor.feed(&r.account_id, r.sequence, &r.event, carried);
+            auditor.feed(&r.account_id, r.sequence, &r.event, carried, None);
         }
         bar.inc(page.len() as u64);
     }
@@ -509,45 +550,101 @@ pub fn from_kafka(bus: &BusConfig, opts: AuditOptions) -> anyhow::Result<Auditor
         })
         .sum();
     let bar = progress(Some(total.max(0) as u64));
+    // Accounts are independent: each worker folds the accounts whose records it is given
+    // (by the record's key, the account id), and the folds are merged at the end. The
+    // consumer thread only reads and routes.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let opts = auditor.opts.clone();
+    let mut queues = Vec::with_capacity(workers);
+    let mut folds = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Routed>>(16);
+        let mut fold = Auditor::new(opts.clone());
+        queues.push(tx);
+        folds.push(std::thread::spawn(move || {
+            for batch in rx {
+                for r in batch {
+                    fold.feed_record(&r.bytes, r.key.as_deref(), r.partition, r.offset);
+                }
+            }
+            fold
+        }));
+    }
+    let mut pending: Vec<Vec<Routed>> = (0..workers).map(|_| Vec::with_capacity(ROUTE_BATCH)).collect();
     let mut idle = Instant::now();
+    let mut failure = None;
     while !ends.is_empty() {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            anyhow::ensure!(
-                idle.elapsed() < Duration::from_secs(60),
-                "the broker stopped delivering the topic"
-            );
+            if idle.elapsed() >= Duration::from_secs(60) {
+                failure = Some(anyhow::anyhow!("the broker stopped delivering the topic"));
+                break;
+            }
             continue;
         };
         idle = Instant::now();
-        let m = m?;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                failure = Some(e.into());
+                break;
+            }
+        };
         let (p, o) = (m.partition(), m.offset());
         if ends.get(&p).is_some_and(|end| o + 1 >= *end) {
             ends.remove(&p);
         }
         bar.inc(1);
-        match serde_json::from_slice::<EventEnvelope>(m.payload().unwrap_or_default()) {
-            Ok(envelope) => {
-                let chain_value = envelope.chain.clone();
-                match record_of(envelope) {
-                    Ok(r) => auditor.feed(&r.account_id, r.sequence, &r.event, Some(&chain_value)),
-                    Err(e) => auditor.find(
-                        "format",
-                        "",
-                        None,
-                        format!("record at {p}/{o} has an unreadable payload: {e}"),
-                    ),
-                }
+        let key = m.key();
+        let worker = key.map(|k| fnv(k) as usize % workers).unwrap_or(0);
+        pending[worker].push(Routed {
+            bytes: m.payload().unwrap_or_default().to_vec(),
+            key: key.map(<[u8]>::to_vec),
+            partition: p,
+            offset: o,
+        });
+        if pending[worker].len() >= ROUTE_BATCH {
+            let full = std::mem::replace(&mut pending[worker], Vec::with_capacity(ROUTE_BATCH));
+            if queues[worker].send(full).is_err() {
+                failure = Some(anyhow::anyhow!("an audit worker stopped"));
+                break;
             }
-            Err(e) => auditor.find(
-                "format",
-                "",
-                None,
-                format!("record at {p}/{o} is not an event envelope: {e}"),
-            ),
         }
     }
+    for (queue, batch) in queues.into_iter().zip(pending) {
+        let _ = queue.send(batch);
+    }
+    for fold in folds {
+        let fold = fold
+            .join()
+            .map_err(|_| anyhow::anyhow!("an audit worker panicked"))?;
+        auditor.merge(fold);
+    }
     bar.finish_and_clear();
-    Ok(auditor)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(auditor),
+    }
+}
+
+/// Records handed to a worker at a time.
+const ROUTE_BATCH: usize = 256;
+
+/// One record on its way to the worker of its account.
+struct Routed {
+    bytes: Vec<u8>,
+    key: Option<Vec<u8>>,
+    partition: i32,
+    offset: i64,
+}
+
+/// FNV-1a: spreads account ids over the workers.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Completes a run: digests, comparison with the live read models, the verdict.
@@ -722,9 +819,9 @@ mod tests {
     fn invariants_over_the_history() {
         let t = DateTime::<Utc>::UNIX_EPOCH;
         let mut a = Auditor::new(opts());
-        a.feed("acc", 1, &generated(1, "prod", 6), None);
-        a.feed("acc", 2, &generated(2, "prod", 6), None);
-        a.feed("acc", 3, &generated(3, "long", 7), None);
+        a.feed("acc", 1, &generated(1, "prod", 6), None, None);
+        a.feed("acc", 2, &generated(2, "prod", 6), None, None);
+        a.feed("acc", 3, &generated(3, "long", 7), None, None);
         a.feed(
             "acc",
             4,
@@ -733,7 +830,7 @@ mod tests {
                 key_id: Uuid::from_u128(1),
                 revoked_at: t,
             }),
-            None,
+            None, None,
         );
         a.feed(
             "acc",
@@ -744,7 +841,7 @@ mod tests {
                 contacts: vec![],
                 updated_at: t,
             }),
-            None,
+            None, None,
         );
         assert_eq!(
             checks(&a),
@@ -756,7 +853,7 @@ mod tests {
     fn a_plaintext_key_in_a_field_is_reported() {
         let mut a = Auditor::new(opts());
         let leaked = format!("oops johndoe_v1_{}", "A".repeat(44));
-        a.feed("acc", 1, &generated(1, &leaked, 6), None);
+        a.feed("acc", 1, &generated(1, &leaked, 6), None, None);
         assert_eq!(checks(&a), vec![("secrets", 1)]);
     }
 
@@ -765,14 +862,14 @@ mod tests {
         let mut a = Auditor::new(opts());
         let e1 = generated(1, "a", 6);
         let c1 = chain::next(&chain::GENESIS, "acc", 1, &e1);
-        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)));
-        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)));
+        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None);
+        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None);
         assert_eq!(
             a.duplicates, 1,
             "an identical republished record is skipped"
         );
-        a.feed("acc", 3, &generated(3, "c", 6), None);
-        a.feed("acc", 4, &generated(4, "d", 6), Some(&"0".repeat(64)));
+        a.feed("acc", 3, &generated(3, "c", 6), None, None);
+        a.feed("acc", 4, &generated(4, "d", 6), Some(&"0".repeat(64)), None);
         assert_eq!(checks(&a), vec![("sequence", 2), ("chain", 4)]);
     }
 }

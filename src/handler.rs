@@ -20,7 +20,7 @@ use rand::Rng;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::chain;
+use keyledger_events::chain;
 use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
 use crate::keyring::{
     KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial,

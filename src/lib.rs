@@ -10,7 +10,6 @@ pub mod app;
 pub mod audit;
 pub mod bench;
 pub mod bus;
-pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod domain;

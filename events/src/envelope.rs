@@ -3,10 +3,14 @@
 //! These are the JSON objects of `CONTRACT.md`. The event envelope wraps one stored event
 //! with its place in the account's stream and the account's hash-chain value.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::{chain, KeyringEvent, EVENT_VERSION};
 
 /// One stored event as published on `keyledger.events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -22,6 +26,111 @@ pub struct EventEnvelope {
     /// Hex BLAKE3 over the account's previous chain value and this event's canonical bytes.
     pub chain: String,
     pub payload: serde_json::Value,
+}
+
+/// Namespace of derived event ids: `event_id = UUIDv5(ns, "{account}/{sequence}")`, so a
+/// republished event is byte-identical and anyone can check an id.
+pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b65796c_6564_6765_7200_6576656e7473);
+
+impl EventEnvelope {
+    /// The id of event `sequence` of `account_id`.
+    pub fn event_id_for(account_id: &str, sequence: u64) -> Uuid {
+        Uuid::new_v5(
+            &EVENT_ID_NAMESPACE,
+            format!("{account_id}/{sequence}").as_bytes(),
+        )
+    }
+
+    /// The envelope of a stored event with its chain value.
+    pub fn of(account_id: &str, sequence: u64, event: &KeyringEvent, chain: &[u8; 32]) -> Self {
+        Self {
+            event_id: Self::event_id_for(account_id, sequence),
+            account_id: account_id.to_owned(),
+            sequence,
+            event_type: event.event_type().to_owned(),
+            event_version: EVENT_VERSION.to_owned(),
+            occurred_at: event.occurred_at(),
+            command_id: event.command_id(),
+            chain: chain::to_hex(chain),
+            payload: event.payload(),
+        }
+    }
+}
+
+/// An event read back from the events topic: where it stands and what it says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent {
+    pub event_id: Uuid,
+    pub account_id: String,
+    pub sequence: u64,
+    /// The chain value the envelope carries (hex), not yet checked.
+    pub chain: String,
+    pub event: KeyringEvent,
+}
+
+/// Why a record of the events topic is not an event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not an event envelope: {0}")]
+    Envelope(serde_json::Error),
+    #[error("unsupported event version {0} (this reader knows {EVENT_VERSION})")]
+    Version(String),
+    #[error("unreadable {event_type} payload: {source}")]
+    Payload {
+        event_type: String,
+        source: serde_json::Error,
+    },
+    #[error("event id {found} is not the one derived from {account_id}/{sequence}")]
+    EventId {
+        found: Uuid,
+        account_id: String,
+        sequence: u64,
+    },
+}
+
+/// The envelope as read, borrowing from the record (no intermediate JSON tree).
+#[derive(Deserialize)]
+struct EnvelopeRef<'a> {
+    event_id: Uuid,
+    #[serde(borrow)]
+    account_id: Cow<'a, str>,
+    sequence: u64,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    event_version: Cow<'a, str>,
+    #[serde(borrow)]
+    chain: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
+}
+
+/// Decodes one record of the events topic, checking its version and its derived event id.
+pub fn decode_event(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
+    let e: EnvelopeRef<'_> = serde_json::from_slice(bytes).map_err(DecodeError::Envelope)?;
+    if e.event_version != EVENT_VERSION {
+        return Err(DecodeError::Version(e.event_version.into_owned()));
+    }
+    let event = KeyringEvent::from_payload(&e.event_type, e.payload.get()).map_err(|source| {
+        DecodeError::Payload {
+            event_type: e.event_type.to_string(),
+            source,
+        }
+    })?;
+    if e.event_id != EventEnvelope::event_id_for(&e.account_id, e.sequence) {
+        return Err(DecodeError::EventId {
+            found: e.event_id,
+            account_id: e.account_id.into_owned(),
+            sequence: e.sequence,
+        });
+    }
+    Ok(DecodedEvent {
+        event_id: e.event_id,
+        account_id: e.account_id.into_owned(),
+        sequence: e.sequence,
+        chain: e.chain.into_owned(),
+        event,
+    })
 }
 
 /// The outcome of a command.
@@ -92,5 +201,58 @@ impl Notification {
     /// The idempotency key of the email to `to` caused by event `event_id`.
     pub fn id_for(event_id: Uuid, to: &str) -> Uuid {
         Uuid::new_v5(&event_id, to.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyRevoked;
+
+    fn revoked() -> KeyringEvent {
+        KeyringEvent::KeyRevoked(KeyRevoked {
+            command_id: Uuid::from_u128(7),
+            key_id: Uuid::from_u128(8),
+            revoked_at: DateTime::<Utc>::UNIX_EPOCH,
+        })
+    }
+
+    #[test]
+    fn an_envelope_decodes_back_to_its_event() {
+        let value = chain::next(&chain::GENESIS, "acc", 3, &revoked());
+        let envelope = EventEnvelope::of("acc", 3, &revoked(), &value);
+        let bytes = serde_json::to_vec(&envelope).expect("json");
+        let decoded = decode_event(&bytes).expect("decodes");
+        assert_eq!(decoded.event, revoked());
+        assert_eq!((decoded.account_id.as_str(), decoded.sequence), ("acc", 3));
+        assert_eq!(decoded.chain, chain::to_hex(&value));
+        assert_eq!(decoded.event_id, EventEnvelope::event_id_for("acc", 3));
+    }
+
+    #[test]
+    fn a_wrong_version_type_or_id_is_named() {
+        let envelope = EventEnvelope::of("acc", 1, &revoked(), &chain::GENESIS);
+        let mut v = serde_json::to_value(&envelope).expect("json");
+        v["event_version"] = "2".into();
+        assert!(matches!(
+            decode_event(v.to_string().as_bytes()),
+            Err(DecodeError::Version(_))
+        ));
+        let mut v = serde_json::to_value(&envelope).expect("json");
+        v["event_type"] = "KeyGenerated".into();
+        assert!(matches!(
+            decode_event(v.to_string().as_bytes()),
+            Err(DecodeError::Payload { .. })
+        ));
+        let mut v = serde_json::to_value(&envelope).expect("json");
+        v["sequence"] = 2.into();
+        assert!(matches!(
+            decode_event(v.to_string().as_bytes()),
+            Err(DecodeError::EventId { .. })
+        ));
+        assert!(matches!(
+            decode_event(b"{not json"),
+            Err(DecodeError::Envelope(_))
+        ));
     }
 }

@@ -169,6 +169,33 @@ impl KeyringEvent {
         }
     }
 
+    /// The event of type `event_type` whose payload (the inner struct, as in the event
+    /// envelope) is the JSON text `payload`.
+    pub fn from_payload(event_type: &str, payload: &str) -> Result<Self, serde_json::Error> {
+        use serde::de::Error;
+        Ok(match event_type {
+            "KeyGenerated" => Self::KeyGenerated(serde_json::from_str(payload)?),
+            "ContactsUpdated" => Self::ContactsUpdated(serde_json::from_str(payload)?),
+            "KeyRevoked" => Self::KeyRevoked(serde_json::from_str(payload)?),
+            "KeyRotated" => Self::KeyRotated(serde_json::from_str(payload)?),
+            "KeyExpired" => Self::KeyExpired(serde_json::from_str(payload)?),
+            "LegacyKeyMigrated" => Self::LegacyKeyMigrated(serde_json::from_str(payload)?),
+            "ExpiryReminderDue" => Self::ExpiryReminderDue(serde_json::from_str(payload)?),
+            other => return Err(serde_json::Error::unknown_variant(other, Self::TYPES)),
+        })
+    }
+
+    /// Every event type name.
+    pub const TYPES: &'static [&'static str] = &[
+        "KeyGenerated",
+        "ContactsUpdated",
+        "KeyRevoked",
+        "KeyRotated",
+        "KeyExpired",
+        "LegacyKeyMigrated",
+        "ExpiryReminderDue",
+    ];
+
     /// The payload alone (the inner struct), as published in the event envelope.
     pub fn payload(&self) -> serde_json::Value {
         let tagged = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);

@@ -6,9 +6,14 @@
 //! explicit, stable field names, versioned, and described by JSON Schemas checked in under
 //! `events/schemas/` (a test fails when the types and the schemas drift apart).
 //!
+//! An independent auditor needs only this crate: [`decode_event`] reads a record of the
+//! events topic (checking its version and derived event id) and [`chain`] recomputes the
+//! account's hash chain.
+//!
 //! Rules for changing this crate: add fields freely (readers ignore what they don't know),
 //! never rename or remove one without a new event version.
 
+pub mod chain;
 mod command;
 mod envelope;
 mod event;
@@ -16,7 +21,8 @@ pub mod schema;
 
 pub use command::{Command, CommandEnvelope, CommandType};
 pub use envelope::{
-    CommandResult, CommandStatus, DeadLetter, ErrorBody, EventEnvelope, Notification,
+    decode_event, CommandResult, CommandStatus, DeadLetter, DecodeError, DecodedEvent, ErrorBody,
+    EventEnvelope, Notification, EVENT_ID_NAMESPACE,
 };
 pub use event::{
     ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,

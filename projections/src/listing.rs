@@ -122,41 +122,53 @@ pub fn listing_change(account_id: &str, event: &KeyringEvent) -> ListingChange {
 /// The listing held in memory (used for replays, audits and tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Listing {
-    rows: BTreeMap<(String, Uuid), ListingRow>,
-    applied: BTreeMap<String, u64>,
+    accounts: BTreeMap<String, AccountListing>,
+}
+
+/// One account's rows and the last sequence applied to them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct AccountListing {
+    applied: u64,
+    rows: BTreeMap<Uuid, ListingRow>,
 }
 
 impl Listing {
     /// Applies `event`, the `sequence`-th of `account_id`; returns false (and changes
     /// nothing) when that sequence was already applied.
     pub fn apply(&mut self, account_id: &str, sequence: u64, event: &KeyringEvent) -> bool {
-        let applied = self.applied.entry(account_id.to_owned()).or_insert(0);
-        if sequence <= *applied {
+        if !self.accounts.contains_key(account_id) {
+            self.accounts
+                .insert(account_id.to_owned(), AccountListing::default());
+        }
+        let Some(account) = self.accounts.get_mut(account_id) else {
+            return false;
+        };
+        if sequence <= account.applied {
             return false;
         }
-        *applied = sequence;
-        let key = |key_id: Uuid| (account_id.to_owned(), key_id);
+        account.applied = sequence;
+        let rows = &mut account.rows;
         match listing_change(account_id, event) {
             ListingChange::Insert(row) => {
-                self.rows.insert(key(row.key_id), row);
+                rows.insert(row.key_id, row);
             }
             ListingChange::SetContacts { key_id, contacts } => {
-                if let Some(row) = self.rows.get_mut(&key(key_id)) {
+                if let Some(row) = rows.get_mut(&key_id) {
                     row.contacts = contacts;
                 }
             }
             ListingChange::SetExpiry { key_id, expires_at } => {
-                if let Some(row) = self.rows.get_mut(&key(key_id)) {
+                if let Some(row) = rows.get_mut(&key_id) {
                     row.expires_at = expires_at;
                 }
             }
             ListingChange::MarkExpired { key_id } => {
-                if let Some(row) = self.rows.get_mut(&key(key_id)) {
+                if let Some(row) = rows.get_mut(&key_id) {
                     row.status = KeyStatus::Expired;
                 }
             }
             ListingChange::Remove { key_id } => {
-                self.rows.remove(&key(key_id));
+                rows.remove(&key_id);
             }
             ListingChange::Nothing => {}
         }
@@ -166,22 +178,26 @@ impl Listing {
     /// The rows of one account, ordered by creation time then key id.
     pub fn rows_of(&self, account_id: &str) -> Vec<ListingRow> {
         let mut rows: Vec<ListingRow> = self
-            .rows
-            .values()
-            .filter(|r| r.account_id == account_id)
-            .cloned()
-            .collect();
+            .accounts
+            .get(account_id)
+            .map(|a| a.rows.values().cloned().collect())
+            .unwrap_or_default();
         rows.sort_by_key(|r| (r.created_at, r.key_id));
         rows
     }
 
     /// Every row, ordered by account, creation time, key id.
     pub fn all_rows(&self) -> Vec<ListingRow> {
-        let mut rows: Vec<ListingRow> = self.rows.values().cloned().collect();
-        rows.sort_by(|a, b| {
-            (&a.account_id, a.created_at, a.key_id).cmp(&(&b.account_id, b.created_at, b.key_id))
-        });
-        rows
+        let mut all = Vec::new();
+        for account in self.accounts.keys() {
+            all.extend(self.rows_of(account));
+        }
+        all
+    }
+
+    /// Takes in the accounts of `other` (a listing of other accounts, folded apart).
+    pub fn merge(&mut self, other: Listing) {
+        self.accounts.extend(other.accounts);
     }
 }
 

@@ -270,7 +270,7 @@ pub async fn run(s: LoadSettings) -> anyhow::Result<()> {
 /// envelope with its real chain value) to a fresh events topic, then times (1) a bare
 /// consumer reading every record and (2) the auditor replaying the topic with every check.
 pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
-    use keyledger_events::{EventEnvelope, EVENT_VERSION};
+    use keyledger_events::EventEnvelope;
     let mut bus = BusConfig::new(brokers);
     bus.topic_prefix = format!(
         "bench-audit-{}.",
@@ -283,25 +283,15 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     eprintln!("writing {events} events to {topic}…");
     let started = Instant::now();
-    let mut chain_head = crate::chain::GENESIS;
+    let mut chain_head = keyledger_events::chain::GENESIS;
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..events {
         let (account, sequence, event) = super::synthetic_key(&hasher, i, now);
         if sequence == 1 {
-            chain_head = crate::chain::GENESIS;
+            chain_head = keyledger_events::chain::GENESIS;
         }
-        chain_head = crate::chain::next(&chain_head, &account, sequence, &event);
-        let envelope = EventEnvelope {
-            event_id: crate::bus::relay::event_id(&account, sequence),
-            account_id: account.clone(),
-            sequence,
-            event_type: event.event_type().to_owned(),
-            event_version: EVENT_VERSION.to_owned(),
-            occurred_at: event.occurred_at(),
-            command_id: event.command_id(),
-            chain: crate::chain::to_hex(&chain_head),
-            payload: event.payload(),
-        };
+        chain_head = keyledger_events::chain::next(&chain_head, &account, sequence, &event);
+        let envelope = EventEnvelope::of(&account, sequence, &event, &chain_head);
         let bytes = serde_json::to_vec(&envelope)?;
         // Enqueued here, in order (per account order is what the audit checks).
         loop {

@@ -16,7 +16,6 @@
 //! transaction as the effect they record; Kafka's own group offsets are not relied on.
 //! Producers are idempotent (`acks=all`); no Kafka transactions are used.
 
-pub use crate::chain;
 pub mod commands;
 pub mod follower;
 pub mod group;

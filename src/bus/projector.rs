@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use keyledger_events::{EventEnvelope, KeyringEvent};
+use keyledger_events::{decode_event, DecodeError};
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -18,21 +18,15 @@ use super::halt::Halts;
 use super::{supervise, BusConfig, BusError};
 use crate::store::{project_batch, Store, StoredRecord};
 
-/// Turns an event envelope from the topic back into a stored record.
-pub fn record_of(envelope: EventEnvelope) -> Result<StoredRecord, serde_json::Error> {
-    let tagged = serde_json::json!({ envelope.event_type.clone(): envelope.payload });
-    let event: KeyringEvent = serde_json::from_value(tagged)?;
+/// Parses one record of the events topic (see [`keyledger_events::decode_event`]).
+pub fn parse_event(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
+    let d = decode_event(bytes)?;
     Ok(StoredRecord {
-        account_id: envelope.account_id,
-        sequence: envelope.sequence,
-        event,
-        chain: Some(envelope.chain),
+        account_id: d.account_id,
+        sequence: d.sequence,
+        event: d.event,
+        chain: Some(d.chain),
     })
-}
-
-/// Parses one record of the events topic.
-pub fn parse_event(bytes: &[u8]) -> Result<StoredRecord, serde_json::Error> {
-    record_of(serde_json::from_slice(bytes)?)
 }
 
 /// How long a batch may gather records after its first.

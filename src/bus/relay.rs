@@ -17,28 +17,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keyledger_events::{EventEnvelope, KeyringEvent, EVENT_VERSION};
+use keyledger_events::{EventEnvelope, KeyringEvent};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
-use uuid::Uuid;
 
 use super::publisher::Publisher;
 use super::{supervise, BusError};
-use crate::chain;
+use keyledger_events::chain;
 
 /// The advisory lock that makes one relay the publisher.
 const RELAY_LOCK: i64 = 0x6b6c_7265_6c61; // "klrela"
-/// Namespace of derived event ids: `event_id = UUIDv5(ns, "{account}/{sequence}")`.
-pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b65796c_6564_6765_7200_6576656e7473);
-
-pub fn event_id(account_id: &str, sequence: u64) -> Uuid {
-    Uuid::new_v5(
-        &EVENT_ID_NAMESPACE,
-        format!("{account_id}/{sequence}").as_bytes(),
-    )
-}
-
 struct OutboxRow {
     position: i64,
     account_id: String,
@@ -175,17 +164,7 @@ impl Relay {
         // Publish everything, then wait for every acknowledgement.
         let mut deliveries = Vec::with_capacity(batch.len());
         for (row, value) in batch.iter().zip(&chains) {
-            let envelope = EventEnvelope {
-                event_id: event_id(&row.account_id, row.sequence),
-                account_id: row.account_id.clone(),
-                sequence: row.sequence,
-                event_type: row.event.event_type().to_owned(),
-                event_version: EVENT_VERSION.to_owned(),
-                occurred_at: row.event.occurred_at(),
-                command_id: row.event.command_id(),
-                chain: chain::to_hex(value),
-                payload: row.event.payload(),
-            };
+            let envelope = EventEnvelope::of(&row.account_id, row.sequence, &row.event, value);
             let bytes = serde_json::to_vec(&envelope).unwrap_or_default();
             let producer = self.producer.clone();
             let topic = self.topic.clone();

@@ -23,7 +23,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 
-use crate::chain;
+use keyledger_events::chain;
 use crate::keyring::{Keyring, KeyringError};
 
 /// One stored event with its place in its account's stream.

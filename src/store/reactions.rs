@@ -9,7 +9,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use super::{Store, StoreError, StoredRecord};
-use crate::bus::relay::event_id;
+use keyledger_events::EventEnvelope;
 use crate::notify::render::Templates;
 use crate::reminders::schedule::{change, scheduled_key, Change, KeySchedule, Stages};
 
@@ -463,7 +463,7 @@ impl Reactions {
                             published,
                             deliver,
                         } => {
-                            let event_id = event_id(&record.account_id, record.sequence);
+                            let event_id = EventEnvelope::event_id_for(&record.account_id, record.sequence);
                             for n in templates.render(account, event_id, &record.event, *last_stage)
                             {
                                 sql::insert_notification(c, &n, now_ms, *published, *deliver)

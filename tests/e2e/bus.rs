@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use crypto_box::SecretKey;
-use keyledger::bus::chain;
+use keyledger_events::chain;
 use keyledger::bus::projector::parse_event;
 use keyledger::config::Roles;
 use keyledger_projections::{Listing, ListingRow};

@@ -7,8 +7,9 @@
 //! declaration order and the payload's own fields likewise), so any auditor holding the log
 //! can recompute it; a changed, removed or reordered event breaks every later value.
 
-use keyledger_events::KeyringEvent;
 use serde::Serialize;
+
+use crate::KeyringEvent;
 
 #[derive(Serialize)]
 struct Canonical<'a> {
@@ -24,14 +25,23 @@ pub const GENESIS: [u8; 32] = [0u8; 32];
 
 /// The canonical bytes of one event.
 pub fn canonical_bytes(account_id: &str, sequence: u64, event: &KeyringEvent) -> Vec<u8> {
-    serde_json::to_vec(&Canonical {
-        account_id,
-        sequence,
-        event_type: event.event_type(),
-        event_version: keyledger_events::EVENT_VERSION,
-        payload: event,
-    })
-    .unwrap_or_default()
+    let mut out = Vec::with_capacity(512);
+    write_canonical(&mut out, account_id, sequence, event);
+    out
+}
+
+fn write_canonical(out: &mut Vec<u8>, account_id: &str, sequence: u64, event: &KeyringEvent) {
+    // Serialising plain structs, strings, numbers and RFC 3339 times into a Vec cannot fail.
+    let _ = serde_json::to_writer(
+        out,
+        &Canonical {
+            account_id,
+            sequence,
+            event_type: event.event_type(),
+            event_version: crate::EVENT_VERSION,
+            payload: event,
+        },
+    );
 }
 
 /// The next chain value.
@@ -41,9 +51,23 @@ pub fn next(
     sequence: u64,
     event: &KeyringEvent,
 ) -> [u8; 32] {
+    next_with(&mut Vec::with_capacity(512), previous, account_id, sequence, event)
+}
+
+/// [`next`], with a buffer the caller keeps between calls (a replay of millions of events
+/// then allocates nothing here).
+pub fn next_with(
+    buffer: &mut Vec<u8>,
+    previous: &[u8; 32],
+    account_id: &str,
+    sequence: u64,
+    event: &KeyringEvent,
+) -> [u8; 32] {
+    buffer.clear();
+    write_canonical(buffer, account_id, sequence, event);
     let mut h = blake3::Hasher::new();
     h.update(previous);
-    h.update(&canonical_bytes(account_id, sequence, event));
+    h.update(buffer);
     *h.finalize().as_bytes()
 }
 
@@ -78,10 +102,18 @@ pub fn recorded(
         .and_then(from_hex)
 }
 
+/// Lower-case hex of a chain value.
 pub fn to_hex(b: &[u8; 32]) -> String {
-    crate::domain::hex(b)
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for byte in b {
+        s.push(DIGITS[(byte >> 4) as usize] as char);
+        s.push(DIGITS[(byte & 15) as usize] as char);
+    }
+    s
 }
 
+/// A chain value from its hex (64 digits, either case).
 pub fn from_hex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
@@ -96,7 +128,7 @@ pub fn from_hex(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyledger_events::KeyRevoked;
+    use crate::KeyRevoked;
     use uuid::Uuid;
 
     #[test]
