@@ -19,6 +19,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keyledger/target}"
 # DRILL_PROFILE=debug reuses the test build (CI's short variant); release by default.
 PROFILE="${DRILL_PROFILE:-release}"
 BIN="$CARGO_TARGET_DIR/$PROFILE/keyledger"
+TOOLS="$CARGO_TARGET_DIR/$PROFILE/keyledger-tools"
 COMMANDS="${DRILL_COMMANDS:-10000}"
 RATE="${DRILL_RATE:-400}"
 OUTAGE="${DRILL_OUTAGE_SECONDS:-30}"
@@ -33,7 +34,7 @@ build() {
   log "building the $PROFILE binary"
   local profile=$PROFILE
   [ "$profile" = debug ] && profile=dev
-  cargo build --profile "$profile" --quiet --manifest-path "$ROOT/Cargo.toml" --bin keyledger
+  cargo build --profile "$profile" --quiet --manifest-path "$ROOT/Cargo.toml" --workspace --bin keyledger --bin keyledger-tools
 }
 
 # The broker: its own (in $WORK/broker, kept across stop/kill and start) or the shared one.
@@ -131,7 +132,7 @@ stop_watch() { kill "$(cat "$WORK/health.pid")" 2>/dev/null || true; }
 unhealthy_samples() { grep -vc ' 200$' "$WORK/health" || true; }
 
 start_load() {
-  "$BIN" drill --commands "$COMMANDS" --rate "$RATE" --deadline-seconds 900 \
+  "$TOOLS" drill --commands "$COMMANDS" --rate "$RATE" --deadline-seconds 900 \
     --resend-after-seconds 20 >"$WORK/load.json" 2>"$WORK/load.log" &
   echo $! >"$WORK/load.pid"
   log "load started: $COMMANDS commands at $RATE/s (pid $(cat "$WORK/load.pid"))"

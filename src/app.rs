@@ -1,5 +1,6 @@
-//! Assembling the service — store, read side, command handler, HTTP, and with the bus the
-//! relay, the command consumer, the projector and the index follower — and running it.
+//! Assembling the service — store, read side, command handler, HTTP, the projections and
+//! their feeds, the reminder saga and the notifier, and with the bus the relay, the command
+//! consumer, the projector and the index follower — and running it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,21 +13,21 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bus::commands::CommandConsumer;
-use crate::bus::follower::{load_index, Follower};
-use crate::bus::halt::Halts;
-use crate::bus::projector::Projector;
-use crate::bus::publisher::Publisher;
+use crate::bus::follower::Follower;
 use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
 use crate::domain::KeyHasher;
-use crate::feed::{self, Reaction};
 use crate::handler::CommandHandler;
-use crate::http::{router, AppState};
+use crate::http::{router, AppState, Services};
+use crate::kafka::halt::Halts;
+use crate::kafka::publisher::Publisher;
+use crate::kafka::BusConfig;
 use crate::keyring::KeyringServices;
-use crate::notify::dispatch::Notifier;
+use crate::notify::dispatch::{Notifier, NOTIFIER};
+use crate::projection::{from_store, from_topic, Projection};
+use crate::read_side::listing::ListingTable;
 use crate::read_side::ReadSide;
-use crate::reminders::saga::{Firing, Saga};
-use crate::store::reactions::Reactions;
+use crate::reminders::saga::{Firing, Saga, SAGA};
 use crate::store::Store;
 
 /// A built service: bound to its port (when it serves HTTP), background parts running.
@@ -60,6 +61,17 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// Where a feed of the log reads from: the events topic (with the bus) or the store.
+#[derive(Clone)]
+enum Source {
+    Topic {
+        bus: BusConfig,
+        pool: sqlx::PgPool,
+        halts: Halts,
+    },
+    Store,
+}
+
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Arc::new(open_store(&settings).await?);
@@ -72,66 +84,94 @@ impl Application {
         let mut tasks = Vec::new();
         let halts = Halts::default();
         let roles = settings.roles;
-
-        match (&settings.bus, store.pg_pool().cloned()) {
+        let source = match (&settings.bus, store.pg_pool()) {
             (Some(bus), Some(pool)) => {
                 bus.ensure_topics()
                     .await
                     .context("the Kafka topics are not fit for keyledger")?;
                 read_side.leave_listing_to_projector();
-                if roles.http {
-                    let from = load_index(bus, &store, &read_side)
-                        .await
-                        .context("cannot load the verification index")?;
+                Source::Topic {
+                    bus: bus.clone(),
+                    pool: pool.clone(),
+                    halts: halts.clone(),
+                }
+            }
+            _ => {
+                if !(roles.http || roles.saga || roles.notifier) {
+                    anyhow::bail!(
+                        "the commands, relay and projector roles need the bus (KEYLEDGER_KAFKA_BROKERS)"
+                    );
+                }
+                Source::Store
+            }
+        };
+
+        // The in-memory index that `verify` answers from.
+        if roles.http {
+            // With the bus the follower starts where the topic ends before the catch-up;
+            // without it, listening for other instances starts before the catch-up. Either
+            // way nothing committed in between is missed.
+            let follow_from = match &source {
+                Source::Topic { bus, .. } => {
+                    let (bus, topic) = (bus.clone(), bus.events_topic());
+                    Some(tokio::task::spawn_blocking(move || bus.end_offsets(&topic)).await??)
+                }
+                Source::Store => None,
+            };
+            let listener = match &source {
+                Source::Store => store
+                    .listen()
+                    .await
+                    .context("cannot LISTEN for other instances' commits")?,
+                Source::Topic { .. } => None,
+            };
+            let stats = read_side
+                .start(&store)
+                .await
+                .context("cannot load the verification index")?;
+            tracing::info!(
+                from_snapshot = stats.from_snapshot,
+                events = stats.events,
+                accounts = stats.accounts,
+                seconds = stats.seconds,
+                keys = read_side.index_stats().keys,
+                "verification index ready"
+            );
+            match (&source, follow_from, listener) {
+                (Source::Topic { bus, halts, .. }, Some(from), _) => {
                     let follower =
                         Follower::new(bus.clone(), read_side.clone(), from, halts.clone());
                     tasks.push(tokio::spawn(follower.run(stopped.clone())));
                 }
-                if roles.relay {
-                    let relay = Relay::new(
-                        pool.clone(),
-                        Publisher::new(bus, 5)?,
-                        bus.events_topic(),
-                        bus.relay_batch,
-                    );
-                    tasks.push(tokio::spawn(relay.run(stopped.clone())));
-                }
-                if roles.projector {
-                    let projector =
-                        Projector::new(bus.clone(), store.clone(), pool.clone(), halts.clone());
-                    tasks.push(tokio::spawn(projector.run(stopped.clone())));
-                }
-            }
-            _ => {
-                if !(roles.http || roles.commands || roles.saga || roles.notifier) {
-                    anyhow::bail!(
-                        "the relay and projector roles need the bus (KEYLEDGER_KAFKA_BROKERS)"
-                    );
-                }
-                let stats = read_side
-                    .rebuild(&store)
-                    .await
-                    .context("cannot rebuild the read side")?;
-                tracing::info!(
-                    events = stats.events,
-                    accounts = stats.accounts,
-                    seconds = stats.seconds,
-                    "read side rebuilt from the event store"
-                );
-                // Other instances' commits reach this one's index through LISTEN/NOTIFY.
-                if let Some(listener) = store
-                    .listen()
-                    .await
-                    .context("cannot LISTEN for other instances' commits")?
-                {
-                    let (s, r) = (store.clone(), read_side.clone());
-                    tasks.push(tokio::spawn(follow_other_writers(
+                (_, _, Some(listener)) => {
+                    tasks.push(tokio::spawn(read_side.clone().follow_other_writers(
                         listener,
-                        s,
-                        r,
+                        store.clone(),
                         stopped.clone(),
-                    )));
+                    )))
                 }
+                _ => {}
+            }
+            tasks.push(tokio::spawn(
+                read_side
+                    .clone()
+                    .keep_snapshots(store.clone(), stopped.clone()),
+            ));
+        }
+
+        // The listing table without the bus: current before serving (a first start on an
+        // imported history writes it here), then kept by its feed and this process's commits.
+        if matches!(source, Source::Store) {
+            let started = std::time::Instant::now();
+            let applied = from_store::catch_up_all(&store, &[&ListingTable])
+                .await
+                .context("cannot bring the listing up to date")?;
+            if applied > 0 {
+                tracing::info!(
+                    events = applied,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "listing caught up"
+                );
             }
         }
 
@@ -145,28 +185,64 @@ impl Application {
             hasher,
             read_side.clone(),
         ));
-        if let (Some(bus), Some(pool), true) = (&settings.bus, store.pg_pool(), roles.commands) {
-            let consumer = CommandConsumer::new(
-                bus.clone(),
-                pool.clone(),
-                handler.clone(),
-                Publisher::new(bus, 0)?,
-                halts.clone(),
-            );
-            tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
-        }
-        let saga = Arc::new(Saga::new(
-            Reactions::of(&store),
-            settings.reminders.stages.clone(),
-        ));
-        let bus_pool = match (&settings.bus, store.pg_pool()) {
-            (Some(bus), Some(pool)) => Some((bus.clone(), pool.clone())),
-            _ => None,
+        let feed = |projection: Arc<dyn Projection>, name: &str| -> JoinHandle<()> {
+            match &source {
+                Source::Topic { bus, pool, halts } => tokio::spawn(from_topic::follow(
+                    name.to_owned(),
+                    vec![projection],
+                    bus.clone(),
+                    store.clone(),
+                    pool.clone(),
+                    halts.clone(),
+                    stopped.clone(),
+                )),
+                Source::Store => tokio::spawn(from_store::follow(
+                    projection,
+                    store.clone(),
+                    handler.subscribe_commits(),
+                    stopped.clone(),
+                )),
+            }
         };
-        if roles.saga {
-            tasks.push(spawn_feed(
-                &saga, &bus_pool, &store, &handler, &halts, &stopped,
+        if matches!(source, Source::Store) {
+            tasks.push(feed(
+                Arc::new(ListingTable),
+                crate::read_side::listing::LISTING,
             ));
+        }
+        if let Source::Topic { bus, pool, halts } = &source {
+            if roles.commands {
+                let consumer = CommandConsumer::new(
+                    bus.clone(),
+                    pool.clone(),
+                    handler.clone(),
+                    Publisher::new(bus, 0)?,
+                    halts.clone(),
+                );
+                tasks.push(tokio::spawn(Arc::new(consumer).run(stopped.clone())));
+            }
+            if roles.relay {
+                let relay = Relay::new(
+                    pool.clone(),
+                    Publisher::new(bus, 5)?,
+                    bus.events_topic(),
+                    bus.relay_batch,
+                );
+                tasks.push(tokio::spawn(relay.run(stopped.clone())));
+            }
+            if roles.projector {
+                tasks.push(tokio::spawn(crate::bus::projector::run(
+                    bus.clone(),
+                    store.clone(),
+                    pool.clone(),
+                    halts.clone(),
+                    stopped.clone(),
+                )));
+            }
+        }
+        let saga = Arc::new(Saga::new(store.clone(), settings.reminders.stages.clone()));
+        if roles.saga {
+            tasks.push(feed(saga.clone(), SAGA));
             let firing = Firing {
                 saga: saga.clone(),
                 handler: handler.clone(),
@@ -176,25 +252,25 @@ impl Application {
             tasks.push(tokio::spawn(firing.run(stopped.clone())));
         }
         if roles.notifier {
-            let producer = match &bus_pool {
-                Some((bus, _)) => Some((Publisher::new(bus, 5)?, bus.notifications_topic())),
-                None => None,
+            let producer = match &source {
+                Source::Topic { bus, .. } => {
+                    Some((Publisher::new(bus, 5)?, bus.notifications_topic()))
+                }
+                Source::Store => None,
             };
             let r = &settings.reminders;
             let notifier = Arc::new(Notifier::new(
-                Reactions::of(&store),
+                store.clone(),
                 r.templates.clone(),
                 r.stages.last(),
                 producer,
                 r.smtp.clone(),
                 r.poll,
             ));
-            tasks.push(spawn_feed(
-                &notifier, &bus_pool, &store, &handler, &halts, &stopped,
-            ));
+            tasks.push(feed(notifier.clone(), NOTIFIER));
             tasks.push(tokio::spawn(notifier.send_loop(stopped.clone())));
         }
-        let state = AppState {
+        let state: AppState = Arc::new(Services {
             bus: match &settings.bus {
                 Some(bus) => Some(bus.probe()?),
                 None => None,
@@ -206,7 +282,7 @@ impl Application {
             store,
             clock: settings.clock.clone(),
             token_hash: blake3::hash(settings.api_token.expose().as_bytes()),
-        };
+        });
         let listener = if roles.http {
             Some(
                 TcpListener::bind(&settings.listen)
@@ -264,68 +340,6 @@ impl Application {
             }
         }
         result
-    }
-}
-
-/// Follows commits of other instances sharing the database (no bus): each notification
-/// names an account, which is caught up from the store. When the listening connection was
-/// lost (notifications may have been missed), everything is replayed.
-async fn follow_other_writers(
-    mut listener: sqlx::postgres::PgListener,
-    store: Arc<Store>,
-    read_side: Arc<ReadSide>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let next = tokio::select! {
-            n = listener.try_recv() => n,
-            _ = stop.changed() => return,
-        };
-        match next {
-            Ok(Some(n)) => {
-                if let Err(e) = read_side.catch_up_account(&store, n.payload()).await {
-                    tracing::warn!(error = %e, "cannot catch up an account changed by another instance");
-                }
-            }
-            Ok(None) => {
-                tracing::warn!("lost the LISTEN connection; replaying the store to miss nothing");
-                if let Err(e) = read_side.rebuild(&store).await {
-                    tracing::warn!(error = %e, "replay after reconnect failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "LISTEN failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// Feeds a reaction to the log from the events topic when the bus is on, else from the
-/// event store.
-fn spawn_feed<R: Reaction>(
-    reaction: &Arc<R>,
-    bus_pool: &Option<(crate::bus::BusConfig, sqlx::PgPool)>,
-    store: &Arc<Store>,
-    handler: &CommandHandler,
-    halts: &Halts,
-    stop: &watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    match bus_pool {
-        Some((bus, pool)) => tokio::spawn(feed::from_bus(
-            reaction.clone(),
-            bus.clone(),
-            store.clone(),
-            pool.clone(),
-            halts.clone(),
-            stop.clone(),
-        )),
-        None => tokio::spawn(feed::from_store(
-            reaction.clone(),
-            store.clone(),
-            handler.subscribe_commits(),
-            stop.clone(),
-        )),
     }
 }
 

@@ -19,9 +19,9 @@ use rdkafka::message::Message;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::bus::BusConfig;
+use crate::kafka::BusConfig;
+use crate::store::{Store, REPLAY_PAGE};
 use keyledger_events::chain;
-use crate::store::{index_snapshot, Store, REPLAY_PAGE};
 
 /// One thing found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -133,9 +133,20 @@ impl Auditor {
                     );
                     return;
                 }
-                self.feed(&d.account_id, d.sequence, &d.event, Some(&d.chain), Some(bytes))
+                self.feed(
+                    &d.account_id,
+                    d.sequence,
+                    &d.event,
+                    Some(&d.chain),
+                    Some(bytes),
+                )
             }
-            Err(e) => self.find("format", "", None, format!("record at {partition}/{offset}: {e}")),
+            Err(e) => self.find(
+                "format",
+                "",
+                None,
+                format!("record at {partition}/{offset}: {e}"),
+            ),
         }
     }
 
@@ -180,7 +191,8 @@ impl Auditor {
             return;
         }
         if !self.accounts.contains_key(account) {
-            self.accounts.insert(account.to_owned(), AccountAudit::default());
+            self.accounts
+                .insert(account.to_owned(), AccountAudit::default());
         }
         let Some(acc) = self.accounts.get_mut(account) else {
             return;
@@ -573,7 +585,9 @@ pub fn from_kafka(bus: &BusConfig, opts: AuditOptions) -> anyhow::Result<Auditor
             fold
         }));
     }
-    let mut pending: Vec<Vec<Routed>> = (0..workers).map(|_| Vec::with_capacity(ROUTE_BATCH)).collect();
+    let mut pending: Vec<Vec<Routed>> = (0..workers)
+        .map(|_| Vec::with_capacity(ROUTE_BATCH))
+        .collect();
     let mut idle = Instant::now();
     let mut failure = None;
     while !ends.is_empty() {
@@ -663,7 +677,7 @@ pub async fn conclude(
     report.seconds = started.elapsed().as_secs_f64();
     report.events_per_second = report.events as f64 / report.seconds.max(1e-9);
     if let (Some(store), None) = (live, opts.until) {
-        let mut live_rows = store.listing_all().await?;
+        let mut live_rows = crate::read_side::listing::rows(store, None).await?;
         if let Some(a) = &opts.account {
             live_rows.retain(|r| &r.account_id == a);
         }
@@ -672,10 +686,9 @@ pub async fn conclude(
         report.live_listing_digest = Some(digest(live_lines.iter().cloned()));
         report.listing_differences = differences(&rebuilt, &live_lines);
         // The persisted index (PostgreSQL with the bus).
-        let snapshot = index_snapshot(store, "", "").await?;
-        if !snapshot.rows.is_empty() {
-            let mut live_index: Vec<String> = snapshot
-                .rows
+        let persisted = crate::read_side::index::rows(store).await?;
+        if !persisted.is_empty() {
+            let mut live_index: Vec<String> = persisted
                 .iter()
                 .filter(|r| opts.account.as_deref().is_none_or(|a| a == r.account_id))
                 .map(|r| {
@@ -830,7 +843,8 @@ mod tests {
                 key_id: Uuid::from_u128(1),
                 revoked_at: t,
             }),
-            None, None,
+            None,
+            None,
         );
         a.feed(
             "acc",
@@ -841,7 +855,8 @@ mod tests {
                 contacts: vec![],
                 updated_at: t,
             }),
-            None, None,
+            None,
+            None,
         );
         assert_eq!(
             checks(&a),

@@ -15,8 +15,8 @@ use rand::RngCore;
 
 use std::time::Duration;
 
-use crate::bus::BusConfig;
 use crate::domain::{Clock, Policy, SecretString, SystemClock};
+use crate::kafka::BusConfig;
 use crate::notify::dispatch::Smtp;
 use crate::notify::render::Templates;
 use crate::reminders::schedule::Stages;

@@ -1,4 +1,4 @@
-//! The command handler: the one writer path for HTTP, the CLI and (later) the bus.
+//! The command handler: the one writer path for HTTP, the CLI, the bus and the saga.
 //!
 //! For each command it loads the account's keyring, answers a redelivered `command_id`
 //! with its original outcome, mints key material when the command needs a new key (so
@@ -20,13 +20,13 @@ use rand::Rng;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use keyledger_events::chain;
 use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
 use crate::keyring::{
     KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial,
 };
 use crate::read_side::ReadSide;
 use crate::store::{Store, StoredRecord};
+use keyledger_events::chain;
 
 /// Attempts per command when another writer commits to the same account first.
 pub const MAX_ATTEMPTS: usize = 8;
@@ -80,7 +80,7 @@ pub struct CommandHandler {
     hasher: KeyHasher,
     read_side: Arc<ReadSide>,
     locks: Vec<Mutex<()>>,
-    /// Names the account of every commit, for the reactions that follow the store.
+    /// Names the account of every commit, for the projections that follow the store.
     commits: tokio::sync::broadcast::Sender<String>,
 }
 
@@ -209,7 +209,7 @@ impl CommandHandler {
                         // command of this account or at the next start.
                         tracing::error!(account_id = account, error = %e, "read side lags behind the store");
                     }
-                    // Nobody listening (the bus feeds the reactions) is fine.
+                    // Nobody listening (the bus feeds the projections) is fine.
                     let _ = self.commits.send(account.to_owned());
                     return Ok(Outcome {
                         status: Status::Accepted,

@@ -5,23 +5,46 @@
 //! the [`keyring::Keyring`] aggregate (one per account), stored as immutable events
 //! (PostgreSQL, or SQLite when embedded), and folded into read models (the Settings listing
 //! and the verification index). See `docs/ARCHITECTURE.md`.
+//!
+//! The layout, one job per module, in layers: a module uses its own layer and those below,
+//! never one above.
+//!
+//! | layer | module | its one job |
+//! | --- | --- | --- |
+//! | 1 | [`domain`] | values that parse on construction: account ids, labels, emails, keys, the clock, the policy |
+//! | 1 | [`keyring`] | the aggregate: decides commands, applies events (pure) |
+//! | 2 | [`store`] | the event store and the tables beside it: ordered reads, transactions, checkpoints, offsets, index snapshots |
+//! | 2 | [`kafka`] | Kafka plumbing: settings, topics, idempotent producer, consumer groups with offsets in PostgreSQL, halts |
+//! | 3 | [`projection`] | the one way events reach a consumer: the `Projection` trait, fed from the store or the events topic |
+//! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index |
+//! | 3 | [`reminders`] | the reminder schedule (a projection) and the saga that fires it |
+//! | 3 | [`notify`] | the notifier: outbox (a projection), notifications topic, SMTP |
+//! | 4 | [`handler`] | the one writer path: load, dedupe, mint, decide, commit, feed the read side |
+//! | 5 | [`bus`] | the bus's roles: relay, command consumer, projector, index follower |
+//! | 5 | [`http`] | the HTTP API |
+//! | 5 | [`cli`] | the operator's command line (`keys` and `reminders` are HTTP clients) |
+//! | 5 | [`audit`] | `keyledger audit`: replays the log and proves what happened |
+//! | 6 | [`app`] | assembles and runs the service from [`config`] |
+//! | — | [`config`], [`metrics`], [`telemetry`] | settings, Prometheus metrics, logs (used at every layer) |
+//!
+//! The reminder saga's firing (in [`reminders`]) issues commands through the [`handler`];
+//! it is started by [`app`] like a layer-5 role. The wire contract (commands, events,
+//! envelopes, the hash chain) is the `keyledger-events` crate; the read models as pure folds
+//! are `keyledger-projections`; load tools are `keyledger-tools`, outside this binary.
 
 pub mod app;
 pub mod audit;
-pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod drill;
-pub mod feed;
 pub mod handler;
 pub mod http;
+pub mod kafka;
 pub mod keyring;
 pub mod metrics;
 pub mod notify;
-#[cfg(test)]
-mod properties;
+pub mod projection;
 pub mod read_side;
 pub mod reminders;
 pub mod store;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keyledger::app::{open_store, shutdown_signal, Application};
-use keyledger::bus::BusConfig;
-use keyledger::cli::{run_keys, run_reminders, BenchWhat, Cli, Commands, LogFormat, ServeArgs};
+use keyledger::cli::{run_keys, run_reminders, Cli, Commands, LogFormat, ServeArgs};
 use keyledger::config::{Inputs, Settings};
+use keyledger::kafka::BusConfig;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,54 +31,6 @@ async fn main() -> ExitCode {
         } => match keyledger::cli::legacy::run(&client, &input, dry_run, concurrency, json).await {
             Ok(report) if !report.rejected.is_empty() => return ExitCode::from(3),
             Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        },
-        Commands::Drill(a) => match drill(a).await {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
-        Commands::Bench {
-            what:
-                BenchWhat::Audit {
-                    kafka_brokers,
-                    events,
-                },
-        } => keyledger::bench::bus::audit_bench(&kafka_brokers, events).await,
-        Commands::Bench {
-            what:
-                BenchWhat::Http {
-                    server,
-                    token,
-                    keys,
-                    connections,
-                    seconds,
-                },
-        } => keyledger::bench::http::run(keyledger::bench::http::HttpSettings {
-            url: server.trim_end_matches('/').to_owned(),
-            token,
-            keys: keys.max(1),
-            connections: connections.max(1),
-            seconds: seconds.max(1),
-        })
-        .await
-        .map(|_| ()),
-        Commands::Bench {
-            what: BenchWhat::Restart { database_url, keys },
-        } => bench_restart(database_url, keys).await,
-        Commands::Bench {
-            what: BenchWhat::Commands(a),
-        } => match a.target.bus() {
-            Ok(bus) => {
-                keyledger::bench::bus::run(keyledger::bench::bus::LoadSettings {
-                    bus,
-                    database_url: a.target.database_url,
-                    commands: a.count,
-                    accounts: a.accounts.max(1),
-                    raw: a.raw,
-                })
-                .await
-            }
             Err(e) => Err(e),
         },
     };
@@ -185,34 +137,4 @@ async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
     open_store(&settings).await?;
     eprintln!("schema is up to date");
     Ok(())
-}
-
-async fn bench_restart(database_url: String, keys: usize) -> anyhow::Result<()> {
-    migrate(keyledger::cli::StorageArgs {
-        database_url: Some(database_url.clone()),
-        data_dir: "./data".into(),
-    })
-    .await?;
-    keyledger::bench::restart::run(keyledger::bench::restart::RestartSettings {
-        database_url,
-        keys,
-        binary: std::env::current_exe()?,
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn drill(a: keyledger::cli::DrillArgs) -> anyhow::Result<bool> {
-    let (report, pass) = keyledger::drill::load(keyledger::drill::DrillSettings {
-        bus: a.target.bus()?,
-        database_url: a.target.database_url,
-        commands: a.commands,
-        accounts: a.accounts.max(1),
-        rate: a.rate,
-        deadline: std::time::Duration::from_secs(a.deadline_seconds),
-        resend_after: std::time::Duration::from_secs(a.resend_after_seconds.max(1)),
-    })
-    .await?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(pass)
 }

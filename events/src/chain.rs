@@ -51,7 +51,13 @@ pub fn next(
     sequence: u64,
     event: &KeyringEvent,
 ) -> [u8; 32] {
-    next_with(&mut Vec::with_capacity(512), previous, account_id, sequence, event)
+    next_with(
+        &mut Vec::with_capacity(512),
+        previous,
+        account_id,
+        sequence,
+        event,
+    )
 }
 
 /// [`next`], with a buffer the caller keeps between calls (a replay of millions of events

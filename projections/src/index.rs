@@ -270,52 +270,6 @@ impl VerificationIndex {
         true
     }
 
-    /// Restores an account from a persisted snapshot (before its keys).
-    pub fn restore_account(&mut self, account_id: &str, login_email: &str, applied: u64) {
-        let a = self.account(account_id) as usize;
-        self.accounts[a].login_email = login_email.into();
-        self.accounts[a].applied = self.accounts[a].applied.max(applied);
-    }
-
-    /// Restores one key from a persisted snapshot. `status` is `active`, `revoked` or
-    /// `expired`; a legacy key has no `key_hash` but a `legacy_hash`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn restore_key(
-        &mut self,
-        account_id: &str,
-        key_id: Uuid,
-        key_hash: Option<&str>,
-        legacy_hash: Option<&str>,
-        label: &str,
-        expires_at: DateTime<Utc>,
-        status: &str,
-    ) {
-        let account = self.account(account_id);
-        let hash = key_hash.and_then(decode_hash).unwrap_or([0u8; 32]);
-        let slot = self.push_entry(account, key_id, label, &hash, expires_at);
-        self.entries[slot as usize].status = match status {
-            "revoked" => REVOKED,
-            "expired" => EXPIRED,
-            _ => ACTIVE,
-        };
-        match legacy_hash {
-            Some(legacy) => {
-                let username = legacy.split('_').next().unwrap_or_default();
-                self.legacy
-                    .entry(username.into())
-                    .or_default()
-                    .push(LegacyCandidate {
-                        entry: slot,
-                        legacy_hash: legacy.to_owned(),
-                    });
-            }
-            None => {
-                let (prefix, _) = split(&hash);
-                self.by_prefix.insert(prefix, slot);
-            }
-        }
-    }
-
     fn account(&mut self, account_id: &str) -> u32 {
         if let Some(&a) = self.account_ix.get(account_id) {
             return a;
@@ -447,6 +401,226 @@ impl VerificationIndex {
     }
 }
 
+/// Why a snapshot could not be read (it is then ignored and the log replayed).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not an index snapshot of this version")]
+    Format,
+    #[error("the snapshot is truncated or damaged")]
+    Damaged,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KLIDX\0\0\x01";
+
+/// A little-endian writer for snapshots.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn len(&mut self, n: usize) {
+        self.u64(n as u64);
+    }
+}
+
+/// A reader of what [`Out`] wrote; every read is bounds-checked.
+struct In<'a>(&'a [u8]);
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        if self.0.len() < n {
+            return Err(SnapshotError::Damaged);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, SnapshotError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, SnapshotError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn len(&mut self) -> Result<usize, SnapshotError> {
+        let n = self.u64()?;
+        // No count can exceed the bytes left: a damaged count cannot make us allocate.
+        if n > self.0.len() as u64 {
+            return Err(SnapshotError::Damaged);
+        }
+        Ok(n as usize)
+    }
+    fn str(&mut self) -> Result<&'a str, SnapshotError> {
+        let n = self.len()?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| SnapshotError::Damaged)
+    }
+}
+
+impl VerificationIndex {
+    /// The whole index as bytes (with each account's applied sequence), so a restart can
+    /// load it and replay only the events that follow. Ends with a BLAKE3 checksum.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        let mut o = Out(Vec::with_capacity(
+            64 + self.entries.len() * 80 + self.labels.len() + self.accounts.len() * 64,
+        ));
+        o.0.extend_from_slice(SNAPSHOT_MAGIC);
+        o.len(self.accounts.len());
+        for a in &self.accounts {
+            o.bytes(a.id.as_bytes());
+            o.bytes(a.login_email.as_bytes());
+            o.u64(a.applied);
+            o.len(a.entries.len());
+            for e in &a.entries {
+                o.u32(*e);
+            }
+        }
+        o.len(self.entries.len());
+        for e in &self.entries {
+            o.0.extend_from_slice(&e.hash_tail);
+            o.0.extend_from_slice(e.key_id.as_bytes());
+            o.u64(e.expires_at as u64);
+            o.u32(e.account);
+            o.u32(e.label_start);
+            o.u16(e.label_len);
+            o.u8(e.status);
+        }
+        o.bytes(self.labels.as_bytes());
+        o.len(self.by_prefix.len());
+        for (prefix, slot) in &self.by_prefix {
+            o.0.extend_from_slice(&prefix.0);
+            o.u32(*slot);
+        }
+        o.len(self.legacy.len());
+        for (username, candidates) in &self.legacy {
+            o.bytes(username.as_bytes());
+            o.len(candidates.len());
+            for c in candidates {
+                o.u32(c.entry);
+                o.bytes(c.legacy_hash.as_bytes());
+            }
+        }
+        let sum = blake3::hash(&o.0);
+        o.0.extend_from_slice(sum.as_bytes());
+        o.0
+    }
+
+    /// An index from [`VerificationIndex::to_snapshot`]'s bytes, every reference checked.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        if bytes.len() < SNAPSHOT_MAGIC.len() + 32 || &bytes[..8] != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::Format);
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(SnapshotError::Damaged);
+        }
+        let mut i = In(&body[8..]);
+        let mut ix = VerificationIndex::new();
+        let accounts = i.len()?;
+        ix.accounts.reserve(accounts);
+        for n in 0..accounts {
+            let id: Box<str> = i.str()?.into();
+            let login_email = i.str()?.into();
+            let applied = i.u64()?;
+            let count = i.len()?;
+            let entries = (0..count).map(|_| i.u32()).collect::<Result<Vec<_>, _>>()?;
+            ix.account_ix.insert(id.clone(), n as u32);
+            ix.accounts.push(Account {
+                id,
+                login_email,
+                applied,
+                entries,
+            });
+        }
+        let entries = i.len()?;
+        ix.entries.reserve(entries);
+        for _ in 0..entries {
+            ix.entries.push(Entry {
+                hash_tail: i.array()?,
+                key_id: Uuid::from_bytes(i.array()?),
+                expires_at: i.u64()? as i64,
+                account: i.u32()?,
+                label_start: i.u32()?,
+                label_len: i.u16()?,
+                status: i.u8()?,
+            });
+        }
+        ix.labels = i.str()?.to_owned();
+        let prefixes = i.len()?;
+        ix.by_prefix.reserve(prefixes);
+        for _ in 0..prefixes {
+            let prefix = Prefix(i.array()?);
+            ix.by_prefix.insert(prefix, i.u32()?);
+        }
+        let usernames = i.len()?;
+        for _ in 0..usernames {
+            let username: Box<str> = i.str()?.into();
+            let count = i.len()?;
+            let mut candidates = Vec::with_capacity(count);
+            for _ in 0..count {
+                candidates.push(LegacyCandidate {
+                    entry: i.u32()?,
+                    legacy_hash: i.str()?.to_owned(),
+                });
+            }
+            ix.legacy.insert(username, candidates);
+        }
+        if !i.0.is_empty() || !ix.references_hold() {
+            return Err(SnapshotError::Damaged);
+        }
+        Ok(ix)
+    }
+
+    /// Every slot, account and label span points inside the index.
+    fn references_hold(&self) -> bool {
+        let slots = self.entries.len() as u32;
+        let accounts = self.accounts.len() as u32;
+        self.accounts
+            .iter()
+            .all(|a| a.entries.iter().all(|s| *s < slots))
+            && self.entries.iter().all(|e| {
+                let (start, end) = (
+                    e.label_start as usize,
+                    e.label_start as usize + e.label_len as usize,
+                );
+                e.account < accounts
+                    && end <= self.labels.len()
+                    && self.labels.is_char_boundary(start)
+                    && self.labels.is_char_boundary(end)
+            })
+            && self.by_prefix.values().all(|s| *s < slots)
+            && self.legacy.values().flatten().all(|c| c.entry < slots)
+    }
+
+    /// Every account with the last sequence applied to it.
+    pub fn applied_sequences(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.accounts.iter().map(|a| (&*a.id, a.applied))
+    }
+}
+
 fn truncate_to_boundary(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -542,5 +716,52 @@ mod tests {
         assert_eq!(ix.lookup(&h2, now), Lookup::Expired);
         assert!(!ix.apply("acc", 4, &generated(Uuid::new_v4(), &[9u8; 32], later)));
         assert_eq!(ix.applied("acc"), 4);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_answers_and_refuses_damage() {
+        let now = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(10);
+        let later = now + chrono::Duration::days(100);
+        let mut ix = VerificationIndex::new();
+        let keys: Vec<(Uuid, [u8; 32])> =
+            (0..50u8).map(|n| (Uuid::new_v4(), [n + 1; 32])).collect();
+        for (n, (id, hash)) in keys.iter().enumerate() {
+            ix.apply(
+                &format!("acc-{}", n % 7),
+                (n / 7) as u64 + 1,
+                &generated(*id, hash, later),
+            );
+        }
+        ix.apply(
+            "acc-0",
+            99,
+            &KeyringEvent::KeyRevoked(KeyRevoked {
+                command_id: Uuid::new_v4(),
+                key_id: keys[0].0,
+                revoked_at: now,
+            }),
+        );
+        let bytes = ix.to_snapshot();
+        let back = VerificationIndex::from_snapshot(&bytes).expect("reads back");
+        for (id, hash) in &keys {
+            let (a, b) = (ix.lookup(hash, now), back.lookup(hash, now));
+            match (a, b) {
+                (Lookup::Valid(x), Lookup::Valid(y)) => {
+                    assert_eq!(
+                        (x.key_id(), x.account_id(), x.label()),
+                        (y.key_id(), y.account_id(), y.label())
+                    );
+                    assert_eq!(y.key_id(), *id);
+                }
+                (x, y) => assert_eq!(format!("{x:?}"), format!("{y:?}")),
+            }
+        }
+        assert_eq!(back.applied("acc-0"), 99);
+        assert_eq!(back.stats().keys, 50);
+        let mut damaged = bytes.clone();
+        damaged[100] ^= 1;
+        assert!(VerificationIndex::from_snapshot(&damaged).is_err());
+        assert!(VerificationIndex::from_snapshot(&bytes[..bytes.len() - 1]).is_err());
+        assert!(VerificationIndex::from_snapshot(b"not a snapshot at all, not at all").is_err());
     }
 }

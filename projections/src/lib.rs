@@ -2,12 +2,12 @@
 //!
 //! The Settings listing and the verification index, each a pure fold over the events of
 //! `keyledger-events`. They know nothing of where events come from (the store right after a
-//! commit, a replay, or later the events topic): a caller hands them `(account, sequence,
+//! commit, a replay, or the events topic): a caller hands them `(account, sequence,
 //! event)` and they skip what they have already applied, so they can always be rebuilt by
 //! replay and a redelivered event changes nothing.
 
 mod index;
 mod listing;
 
-pub use index::{IndexStats, LegacyCandidate, Lookup, VerificationIndex, Verified};
+pub use index::{IndexStats, LegacyCandidate, Lookup, SnapshotError, VerificationIndex, Verified};
 pub use listing::{listing_change, KeyStatus, Listing, ListingChange, ListingRow};

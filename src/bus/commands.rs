@@ -22,12 +22,13 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::group::Group;
-use super::halt::Halts;
-use super::publisher::Publisher;
-use super::{seal, supervise, BusConfig, BusError};
+use super::seal;
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
+use crate::kafka::group::Group;
+use crate::kafka::halt::Halts;
+use crate::kafka::publisher::Publisher;
+use crate::kafka::{supervise, BusConfig, BusError};
 use crate::keyring::KeyringError;
 use crate::store::offsets;
 

@@ -1,58 +1,23 @@
 //! The follower: keeps this instance's in-memory verification index current from the
 //! events topic.
 //!
-//! At start it loads the persisted index and the projector's offsets from one PostgreSQL
-//! snapshot, then reads every partition of the events topic from those offsets (assigned,
-//! not in a group: every instance needs every event). Each event is folded in; what the
-//! index already has is skipped by its per-account sequence. An offset the log no longer
-//! holds halts the follower (nothing is skipped; see [`super::halt`]).
+//! Every instance needs every event, so it reads every partition (assigned, not in a
+//! group). It starts from the end offsets taken *before* the index was brought up to date
+//! from the store ([`crate::read_side::ReadSide::start`]): whatever was committed after
+//! that catch-up is published after those offsets, and what both deliver is skipped by its
+//! per-account sequence. An offset the log no longer holds halts the follower (nothing is
+//! skipped; see [`crate::kafka::halt`]).
 
 use std::sync::{Arc, Mutex};
 
-use keyledger_projections::VerificationIndex;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
-use super::group::{blocking, is_out_of_range};
-use super::halt::{out_of_range, Halts};
-use super::projector::parse_event;
-use super::{supervise, BusConfig, BusError};
+use crate::kafka::group::{blocking, is_out_of_range};
+use crate::kafka::halt::{out_of_range, Halts};
+use crate::kafka::{supervise, BusConfig, BusError};
 use crate::read_side::ReadSide;
-use crate::store::{index_snapshot, Store};
-
-/// Loads the persisted index into `read_side`; returns the offsets to follow from.
-pub async fn load_index(
-    bus: &BusConfig,
-    store: &Store,
-    read_side: &ReadSide,
-) -> Result<Vec<(i32, i64)>, BusError> {
-    let snapshot = index_snapshot(store, &bus.projector_group, &bus.events_topic()).await?;
-    let mut index = VerificationIndex::new();
-    index.reserve(snapshot.rows.len());
-    for (account, login, applied) in &snapshot.accounts {
-        index.restore_account(account, login, *applied);
-    }
-    for r in &snapshot.rows {
-        index.restore_key(
-            &r.account_id,
-            r.key_id,
-            r.key_hash.as_deref(),
-            r.legacy_hash.as_deref(),
-            &r.label,
-            r.expires_at,
-            &r.status,
-        );
-    }
-    index.shrink_to_fit();
-    tracing::info!(
-        keys = snapshot.rows.len(),
-        accounts = snapshot.accounts.len(),
-        "verification index loaded"
-    );
-    read_side.install(index);
-    Ok(snapshot.offsets)
-}
 
 /// The name the follower goes by in logs, `/readyz` and metrics.
 const PART: &str = "index-follower";
@@ -109,7 +74,7 @@ impl Follower {
                     None => from.push((m.partition(), m.offset() + 1)),
                 }
             }
-            match parse_event(m.payload().unwrap_or_default()) {
+            match keyledger_events::decode_event(m.payload().unwrap_or_default()) {
                 Ok(r) => self
                     .read_side
                     .apply_in_memory(&r.account_id, r.sequence, &r.event),

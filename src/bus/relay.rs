@@ -22,8 +22,8 @@ use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
-use super::publisher::Publisher;
-use super::{supervise, BusError};
+use crate::kafka::publisher::Publisher;
+use crate::kafka::{supervise, BusError};
 use keyledger_events::chain;
 
 /// The advisory lock that makes one relay the publisher.
@@ -55,7 +55,7 @@ impl Relay {
     /// Runs until `stop` turns true; finishes the batch in hand first.
     pub async fn run(self, stop: watch::Receiver<bool>) {
         // The relay reads no topic: nothing of it can halt.
-        supervise("relay", &super::halt::Halts::default(), stop, |s| {
+        supervise("relay", &crate::kafka::halt::Halts::default(), stop, |s| {
             self.lead(s)
         })
         .await;

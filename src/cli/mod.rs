@@ -1,5 +1,6 @@
-//! The command line: `serve`, `migrate`, and `keys …` — a client of the HTTP API, so that
-//! there is one writer path.
+//! The operator's command line: `serve` and `migrate` run the service and its schema;
+//! `keys`, `reminders` and `migrate-legacy` are clients of a running server's HTTP API (one
+//! writer path); `audit` replays the log. Load tools are `keyledger-tools`, not here.
 
 mod client;
 pub mod legacy;
@@ -9,9 +10,9 @@ use std::path::PathBuf;
 use chrono::{DateTime, Duration, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::bus::BusConfig;
 use crate::config::{Inputs, ReminderSettings, Roles};
 use crate::domain::Policy;
+use crate::kafka::BusConfig;
 use crate::notify::dispatch::Smtp;
 use crate::notify::render::Templates;
 use crate::reminders::schedule::Stages;
@@ -73,14 +74,6 @@ pub enum Commands {
     Audit(AuditArgs),
     /// The reminder saga's schedule, through a running server's HTTP API.
     Reminders(RemindersArgs),
-    /// A fault drill's load and verdict (see drills/): commands over the bus, every one
-    /// followed to its result, then checked against the store. Exit 1 when a promise broke.
-    Drill(DrillArgs),
-    /// Load tools: measure a running keyledger (see docs/PERFORMANCE.md).
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -118,132 +111,6 @@ pub struct AuditArgs {
     /// The configured key validity, for the expiry invariant.
     #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6)]
     pub key_validity_months: u32,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchWhat {
-    /// GenerateKey commands over the bus against a running keyledger, next to the raw
-    /// database and broker rates.
-    Commands(BenchCommandsArgs),
-    /// `audit --from kafka` on a fresh topic of synthetic events, next to a bare consumer.
-    Audit {
-        #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
-        kafka_brokers: String,
-        /// Events to write and replay.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-    },
-    /// Verification over HTTP against a running keyledger, next to a bare endpoint of the
-    /// same server (a closed-loop load generator).
-    Http {
-        /// The running keyledger.
-        #[arg(
-            long,
-            env = "KEYLEDGER_SERVER",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        server: String,
-        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Keys generated (through the API) and verified in turn.
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        /// Concurrent connections, each one request at a time.
-        #[arg(long, default_value_t = 32)]
-        connections: usize,
-        /// Seconds measured per phase (after a one-second warm-up).
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-    },
-    /// Start-to-ready time and memory of `keyledger serve` with a large store: fills an
-    /// empty PostgreSQL database with synthetic keys and starts the service on it.
-    Restart {
-        /// An empty database (it is migrated and filled).
-        #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
-        database_url: String,
-        #[arg(long, default_value_t = 1_000_000)]
-        keys: usize,
-    },
-}
-
-/// A running keyledger's PostgreSQL and Kafka, for the load tools.
-#[derive(Debug, Clone, Args)]
-pub struct TargetArgs {
-    /// The PostgreSQL of the running keyledger.
-    #[arg(long, env = "KEYLEDGER_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-    /// The Kafka of the running keyledger.
-    #[arg(long, env = "KEYLEDGER_KAFKA_BROKERS")]
-    pub kafka_brokers: String,
-    #[arg(long, env = "KEYLEDGER_TOPIC_PREFIX", default_value = "keyledger.")]
-    pub topic_prefix: String,
-    /// Extra librdkafka settings `key=value`, as the service's `KEYLEDGER_KAFKA_OPTIONS`.
-    #[arg(
-        long = "kafka-option",
-        env = "KEYLEDGER_KAFKA_OPTIONS",
-        value_delimiter = ','
-    )]
-    pub kafka_options: Vec<String>,
-}
-
-impl TargetArgs {
-    /// The bus configuration of the target (its brokers and topic prefix).
-    pub fn bus(&self) -> anyhow::Result<BusConfig> {
-        let mut bus = BusConfig::new(self.kafka_brokers.clone());
-        bus.topic_prefix = self.topic_prefix.clone();
-        Ok(bus.with_overrides(kafka_overrides(&self.kafka_options)?)?)
-    }
-}
-
-/// `key=value` librdkafka settings, as given on the command line or in the environment.
-fn kafka_overrides(options: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    options
-        .iter()
-        .filter(|kv| !kv.trim().is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => Ok((k.trim().to_owned(), v.trim().to_owned())),
-            None => Err(anyhow::anyhow!(
-                "KEYLEDGER_KAFKA_OPTIONS: '{}' is not key=value",
-                kv.split(':').next().unwrap_or_default()
-            )),
-        })
-        .collect()
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct DrillArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    /// Commands to send.
-    #[arg(long, default_value_t = 10_000)]
-    pub commands: usize,
-    /// Accounts they are spread over (at most 50 keys each).
-    #[arg(long, default_value_t = 400)]
-    pub accounts: usize,
-    /// Commands per second.
-    #[arg(long, default_value_t = 400.0)]
-    pub rate: f64,
-    /// Seconds to wait for every result before giving up.
-    #[arg(long, default_value_t = 600)]
-    pub deadline_seconds: u64,
-    /// Seconds without a result before a command is sent again.
-    #[arg(long, default_value_t = 30)]
-    pub resend_after_seconds: u64,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchCommandsArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    /// GenerateKey commands at full speed (half as many again, paced).
-    #[arg(long, default_value_t = 2000)]
-    pub count: usize,
-    /// Accounts they are spread over.
-    #[arg(long, default_value_t = 100)]
-    pub accounts: usize,
-    /// Raw database commits measured (four times as many broker records).
-    #[arg(long, default_value_t = 2000)]
-    pub raw: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -315,10 +182,10 @@ pub struct ServeArgs {
     pub kafka_replication: i32,
     /// Retention of the commands, command-results and notifications topics keyledger
     /// creates, in milliseconds (the events topic keeps everything, always).
-    #[arg(long, env = "KEYLEDGER_KAFKA_RETENTION_MS", default_value_t = crate::bus::DEFAULT_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
+    #[arg(long, env = "KEYLEDGER_KAFKA_RETENTION_MS", default_value_t = crate::kafka::DEFAULT_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
     pub kafka_retention_ms: i64,
     /// Retention of the dead-letters topic keyledger creates, in milliseconds.
-    #[arg(long, env = "KEYLEDGER_KAFKA_DEAD_LETTER_RETENTION_MS", default_value_t = crate::bus::DEFAULT_DEAD_LETTER_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
+    #[arg(long, env = "KEYLEDGER_KAFKA_DEAD_LETTER_RETENTION_MS", default_value_t = crate::kafka::DEFAULT_DEAD_LETTER_RETENTION_MS, value_parser = clap::value_parser!(i64).range(60_000..))]
     pub kafka_dead_letter_retention_ms: i64,
     /// An extra librdkafka setting `key=value` for every client (repeatable; the
     /// environment variable takes a comma-separated list). The delivery and offset settings
@@ -422,7 +289,7 @@ impl ServeArgs {
                     bus.max_command_bytes = self.max_command_bytes;
                     bus.relay_batch = self.relay_batch;
                     bus.projector_batch = self.projector_batch;
-                    Ok(bus.with_overrides(kafka_overrides(&self.kafka_options)?)?)
+                    Ok(bus.with_overrides(crate::kafka::parse_options(&self.kafka_options)?)?)
                 })
                 .transpose()?,
             roles: self.role,

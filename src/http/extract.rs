@@ -47,6 +47,39 @@ fn json_error(rejection: JsonRejection) -> ApiError {
     }
 }
 
+/// The request body as JSON, parsed borrowing from `body` (for the hot path; the same
+/// errors as [`ApiJson`]).
+pub fn json_body<'a, T: serde::Deserialize<'a>>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let essence = v
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            essence == "application/json"
+                || (essence.starts_with("application/") && essence.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::invalid_request(
+            "the body must be JSON with 'Content-Type: application/json'",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::invalid_request(format!("the body does not match the request: {e}"))
+        }
+        _ => ApiError::invalid_request(format!("the body is not valid JSON: {e}")),
+    })
+}
+
 /// The optional `Idempotency-Key` header: the command id of a retried request.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     match headers.get("idempotency-key") {

@@ -179,7 +179,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let account_id = account(&account_id)?;
     let now = state.clock.now();
-    let rows = state.store.listing_of(account_id.as_str()).await?;
+    let rows = crate::read_side::listing::rows(&state.store, Some(account_id.as_str())).await?;
     let keys: Vec<RowView> = rows.into_iter().map(|r| RowView::of(r, now)).collect();
     Ok(Json(serde_json::json!({ "keys": keys })).into_response())
 }

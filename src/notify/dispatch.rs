@@ -12,15 +12,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bus::publisher::Publisher;
+use async_trait::async_trait;
+use keyledger_events::EventEnvelope;
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::watch;
 
+use super::outbox::{self, wall_ms, Marked, Pending};
 use super::render::Templates;
-use crate::store::reactions::{wall_ms, Effect, Marked, Pending, Reactions};
-use crate::store::StoreError;
+use crate::kafka::publisher::Publisher;
+use crate::projection::Projection;
+use crate::store::{Store, StoreError, StoredRecord, Tx};
 
 /// The notifier's consumer name (checkpoints, offsets, consumer group).
 pub const NOTIFIER: &str = "keyledger-notifier";
@@ -75,7 +78,7 @@ impl Smtp {
 }
 
 pub struct Notifier {
-    reactions: Reactions,
+    store: Arc<Store>,
     templates: Templates,
     last_stage: Option<u32>,
     /// Set when notifications go to the topic.
@@ -86,7 +89,7 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(
-        reactions: Reactions,
+        store: Arc<Store>,
         templates: Templates,
         last_stage: Option<u32>,
         producer: Option<(Publisher, String)>,
@@ -94,7 +97,7 @@ impl Notifier {
         poll: Duration,
     ) -> Self {
         Self {
-            reactions,
+            store,
             templates,
             last_stage,
             producer,
@@ -132,7 +135,7 @@ impl Notifier {
         let Some((producer, topic)) = &self.producer else {
             return Ok(0);
         };
-        let pending = self.reactions.unpublished(500).await?;
+        let pending = outbox::unpublished(&self.store, 500).await?;
         let mut done = 0;
         for Pending { notification, .. } in &pending {
             let json = serde_json::to_vec(notification).unwrap_or_default();
@@ -141,8 +144,7 @@ impl Notifier {
                 .await
             {
                 Ok(_) => {
-                    self.reactions
-                        .mark(notification.notification_id, Marked::Published)
+                    outbox::mark(&self.store, notification.notification_id, Marked::Published)
                         .await?;
                     done += 1;
                     notified("published");
@@ -161,7 +163,7 @@ impl Notifier {
         let Some(smtp) = &self.smtp else {
             return Ok(0);
         };
-        let due = self.reactions.deliverable(50).await?;
+        let due = outbox::deliverable(&self.store, 50).await?;
         for Pending {
             notification: n,
             attempts,
@@ -191,18 +193,14 @@ impl Notifier {
             };
             match result {
                 Ok(()) => {
-                    self.reactions
-                        .mark(n.notification_id, Marked::Delivered)
-                        .await?;
+                    outbox::mark(&self.store, n.notification_id, Marked::Delivered).await?;
                     notified("delivered");
                     tracing::info!(notification_id = %n.notification_id, to = %n.to, kind = %n.kind, stage = ?n.stage, "notification delivered");
                 }
                 Err(e) => {
                     let delay = smtp.backoff(*attempts);
                     let retry_at = wall_ms() + delay.as_millis() as i64;
-                    self.reactions
-                        .failed(n.notification_id, retry_at, &e)
-                        .await?;
+                    outbox::failed(&self.store, n.notification_id, retry_at, &e).await?;
                     notified("failed");
                     tracing::warn!(notification_id = %n.notification_id, attempts = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "cannot deliver a notification; will retry");
                     // The server is likely down: do not hammer it with the rest of the batch.
@@ -218,22 +216,32 @@ fn notified(what: &str) {
     crate::metrics::metrics().count("keyledger_notifications_total", &[("state", what)], 1);
 }
 
-impl crate::feed::Reaction for Notifier {
+#[async_trait]
+impl Projection for Notifier {
     fn name(&self) -> &'static str {
         NOTIFIER
     }
 
-    fn reactions(&self) -> &Reactions {
-        &self.reactions
-    }
-
-    fn effect(&self) -> Effect<'_> {
-        Effect::Notify {
-            templates: &self.templates,
-            last_stage: self.last_stage,
-            published: self.producer.is_none(),
-            deliver: self.smtp.is_some(),
+    /// Each ExpiryReminderDue / KeyExpired becomes one outbox row per recipient.
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        batch: &[(&str, &[StoredRecord])],
+    ) -> Result<(), StoreError> {
+        let now_ms = wall_ms();
+        let (published, deliver) = (self.producer.is_none(), self.smtp.is_some());
+        for (account, records) in batch {
+            for record in *records {
+                let event_id = EventEnvelope::event_id_for(account, record.sequence);
+                for n in self
+                    .templates
+                    .render(account, event_id, &record.event, self.last_stage)
+                {
+                    outbox::insert(tx, &n, now_ms, published, deliver).await?;
+                }
+            }
         }
+        Ok(())
     }
 }
 

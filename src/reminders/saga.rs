@@ -11,14 +11,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::schedule::{KeySchedule, Stages};
+use super::schedule::{change, scheduled_key, Change, KeySchedule, Stages};
+use super::store;
 use crate::domain::{AccountId, Clock};
 use crate::handler::{CommandHandler, HandleError, Request};
-use crate::store::reactions::{Effect, Reactions};
-use crate::store::{Store, StoreError, StoredRecord};
+use crate::projection::Projection;
+use crate::store::{Store, StoreError, StoredRecord, Tx};
 
 /// The saga's consumer name (checkpoints, offsets, consumer group).
 pub const SAGA: &str = "keyledger-saga";
@@ -28,37 +30,20 @@ const REFIRE_AFTER: Duration = Duration::from_secs(5);
 /// Most keys fired per tick.
 const PER_TICK: i64 = 500;
 
+/// The schedule, kept from the log.
 pub struct Saga {
-    reactions: Reactions,
+    store: Arc<Store>,
     stages: Stages,
 }
 
 impl Saga {
-    pub fn new(reactions: Reactions, stages: Stages) -> Self {
-        Self { reactions, stages }
-    }
-
-    /// Applies a batch of events to the schedule (see [`Reactions::apply`]).
-    pub async fn apply(
-        &self,
-        store: &Store,
-        by_account: &[(String, Vec<StoredRecord>)],
-        offsets: Option<(&str, &[(i32, i64)])>,
-    ) -> Result<(), StoreError> {
-        self.reactions
-            .apply(
-                store,
-                SAGA,
-                by_account,
-                &Effect::Schedule(&self.stages),
-                offsets,
-            )
-            .await
+    pub fn new(store: Arc<Store>, stages: Stages) -> Self {
+        Self { store, stages }
     }
 
     /// How many keys have a stage or their expiry due now.
     pub async fn due_now(&self, now: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
-        self.reactions.count_due(now).await
+        store::count_due(&self.store, now.timestamp_millis()).await
     }
 
     /// The keys with something due by `until`, optionally of one account.
@@ -68,7 +53,34 @@ impl Saga {
         account: Option<&str>,
         limit: i64,
     ) -> Result<Vec<KeySchedule>, StoreError> {
-        self.reactions.schedules_due(until, account, limit).await
+        store::due(&self.store, until.timestamp_millis(), account, limit).await
+    }
+}
+
+#[async_trait]
+impl Projection for Saga {
+    fn name(&self) -> &'static str {
+        SAGA
+    }
+
+    /// Each event changes the schedule of the key it names.
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        batch: &[(&str, &[StoredRecord])],
+    ) -> Result<(), StoreError> {
+        for (account, records) in batch {
+            for record in *records {
+                let key_id = scheduled_key(&record.event);
+                let current = store::get(tx, key_id).await?;
+                match change(account, current.as_ref(), &record.event, &self.stages) {
+                    Change::Put(s) => store::put(tx, &s).await?,
+                    Change::Remove(k) => store::remove(tx, k).await?,
+                    Change::None => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -175,19 +187,5 @@ fn count_decisions(events: &[keyledger_events::KeyringEvent]) {
             }
             _ => {}
         }
-    }
-}
-
-impl crate::feed::Reaction for Saga {
-    fn name(&self) -> &'static str {
-        SAGA
-    }
-
-    fn reactions(&self) -> &Reactions {
-        &self.reactions
-    }
-
-    fn effect(&self) -> Effect<'_> {
-        Effect::Schedule(&self.stages)
     }
 }

@@ -1,29 +1,29 @@
-//! Persistence: the event store (postgres-es or sqlite-es) and the listing table.
+//! Persistence: the event store (postgres-es or sqlite-es) and the tables next to it.
 //!
-//! cqrs-es gives us loading, committing and optimistic concurrency; what it does not give
-//! (reading events in order for replays and catch-up, the listing table with its
-//! checkpoint) is written here by hand, once per database, behind one [`Store`] type so the
-//! rest of the service does not care which database it runs on.
+//! cqrs-es gives loading, committing and optimistic concurrency; what it does not give is
+//! written here once for both databases: reading events in order (one account after a
+//! sequence, or every account page by page), transactions for projections ([`Tx`]), the
+//! per-projection checkpoints ([`checkpoints`]) and consumer offsets ([`offsets`]), the
+//! account heads and the verification-index snapshots that make a restart quick. The SQL
+//! is the same on PostgreSQL and SQLite wherever the dialects agree (`with_pool!` and
+//! `with_tx!` run one body on either); where they differ, the code matches on the database
+//! at that spot (a projection's batched insert, how a table stores a list).
 
+pub mod checkpoints;
 pub mod offsets;
-mod postgres;
-pub mod reactions;
-mod sqlite;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
 use cqrs_es::{AggregateError, EventEnvelope, EventStore};
-use keyledger_events::KeyringEvent;
-use keyledger_projections::ListingRow;
+use keyledger_events::{chain, KeyringEvent};
 use postgres_es::PostgresEventRepository;
 use sqlite_es::SqliteEventRepository;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
 
-use keyledger_events::chain;
 use crate::keyring::{Keyring, KeyringError};
 
 /// One stored event with its place in its account's stream.
@@ -48,14 +48,16 @@ pub enum StoreError {
         sequence: i64,
         reason: String,
     },
-    /// The listing has applied up to `checkpoint`; the events handed in start later.
-    #[error("listing is behind: checkpoint {checkpoint}")]
+    /// A projection has applied up to `checkpoint`; the events handed in start later.
+    #[error("projection is behind: checkpoint {checkpoint}")]
     Gap { checkpoint: u64 },
+    #[error("{0} needs PostgreSQL")]
+    PostgresOnly(&'static str),
 }
 
 type AggregateResult<T> = Result<T, AggregateError<KeyringError>>;
 
-enum Backend {
+pub(crate) enum Backend {
     Postgres {
         pool: PgPool,
         events: PersistedEventStore<PostgresEventRepository, Keyring>,
@@ -68,11 +70,65 @@ enum Backend {
 
 /// The service's database: PostgreSQL in production, a SQLite file when embedded.
 pub struct Store {
-    backend: Backend,
+    pub(crate) backend: Backend,
 }
 
 /// How many events a replay reads per query.
 pub const REPLAY_PAGE: i64 = 5_000;
+
+/// Runs `$body` with `$pool` bound to the pool of whichever database `$store` is on: one
+/// body, compiled once per database, for the SQL both dialects share.
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            $crate::store::Backend::Postgres { pool: $pool, .. } => $body,
+            $crate::store::Backend::Sqlite { pool: $pool, .. } => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$c` bound to the connection of the transaction `$tx`, whichever
+/// database it is on.
+macro_rules! with_tx {
+    ($tx:expr, |$c:ident| $body:expr) => {
+        match $tx {
+            $crate::store::Tx::Pg(t) => {
+                let $c: &mut sqlx::PgConnection = &mut *t;
+                $body
+            }
+            $crate::store::Tx::Lite(t) => {
+                let $c: &mut sqlx::SqliteConnection = &mut *t;
+                $body
+            }
+        }
+    };
+}
+
+pub(crate) use {with_pool, with_tx};
+
+/// A transaction on the service's database.
+pub enum Tx {
+    Pg(Transaction<'static, Postgres>),
+    Lite(Transaction<'static, Sqlite>),
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Tx::Pg(t) => t.commit().await?,
+            Tx::Lite(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL transaction (the bus's tables live only there).
+    pub fn pg(&mut self) -> Option<&mut sqlx::PgConnection> {
+        match self {
+            Tx::Pg(t) => Some(&mut *t),
+            Tx::Lite(_) => None,
+        }
+    }
+}
 
 impl Store {
     /// Connects to PostgreSQL (the pool is built here: postgres-es's helper panics when the
@@ -128,16 +184,28 @@ impl Store {
         matches!(self.backend, Backend::Postgres { .. })
     }
 
+    /// The PostgreSQL pool (the bus runs on PostgreSQL only).
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres { pool, .. } => Some(pool),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
     /// Answers when the database does.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => sqlx::query("SELECT 1").execute(pool).await?,
-            Backend::Sqlite { pool, .. } => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-                return Ok(());
-            }
-        };
+        with_pool!(self, |pool| {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
         Ok(())
+    }
+
+    /// Begins a transaction.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.backend {
+            Backend::Postgres { pool, .. } => Tx::Pg(pool.begin().await?),
+            Backend::Sqlite { pool, .. } => Tx::Lite(pool.begin().await?),
+        })
     }
 
     /// The keyring of `account_id`, ready for a command, with the chain value of its last
@@ -188,10 +256,21 @@ impl Store {
         account_id: &str,
         after: u64,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::events_after(pool, account_id, after).await,
-            Backend::Sqlite { pool, .. } => sqlite::events_after(pool, account_id, after).await,
-        }
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "SELECT aggregate_id, sequence, CAST(payload AS TEXT) AS payload, \
+                 CAST(metadata AS TEXT) AS metadata FROM events \
+                 WHERE aggregate_type = 'Keyring' AND aggregate_id = $1 AND sequence > $2 \
+                 ORDER BY sequence",
+            )
+            .bind(account_id)
+            .bind(after.min(i64::MAX as u64) as i64)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| decode(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+        })
     }
 
     /// One page of every account's events, ordered by (account, sequence), after the
@@ -202,89 +281,81 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let (account, sequence) = after.unwrap_or(("", 0));
-        match &self.backend {
-            Backend::Postgres { pool, .. } => {
-                postgres::events_page(pool, account, sequence, limit).await
-            }
-            Backend::Sqlite { pool, .. } => {
-                sqlite::events_page(pool, account, sequence, limit).await
-            }
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "SELECT aggregate_id, sequence, CAST(payload AS TEXT) AS payload, \
+                 CAST(metadata AS TEXT) AS metadata FROM events \
+                 WHERE aggregate_type = 'Keyring' AND (aggregate_id, sequence) > ($1, $2) \
+                 ORDER BY aggregate_id, sequence LIMIT $3",
+            )
+            .bind(account)
+            .bind(sequence.min(i64::MAX as u64) as i64)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| decode(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+        })
+    }
+
+    /// Every stored event, page by page (each page grouped by account, in order).
+    pub fn pages(&self) -> Pages<'_> {
+        Pages {
+            store: self,
+            after: None,
+            done: false,
         }
     }
 
-    /// Applies `records` (all of one account, in order) to the listing table and moves its
-    /// checkpoint, in one transaction. Records at or below the checkpoint are skipped; a
-    /// gap before the first new record is reported as [`StoreError::Gap`].
-    pub async fn apply_to_listing(
-        &self,
-        account_id: &str,
-        records: &[StoredRecord],
-    ) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => {
-                postgres::apply_to_listing(pool, account_id, records).await
-            }
-            Backend::Sqlite { pool, .. } => {
-                sqlite::apply_to_listing(pool, account_id, records).await
-            }
-        }
+    /// Each account's last sequence (read from the events table's primary key alone).
+    pub async fn account_heads(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        with_pool!(self, |pool| {
+            Ok(sqlx::query_as::<_, (String, i64)>(
+                "SELECT aggregate_id, max(sequence) FROM events \
+                     WHERE aggregate_type = 'Keyring' GROUP BY aggregate_id",
+            )
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(a, s)| (a, s.max(0) as u64))
+            .collect())
+        })
     }
 
-    /// The listing checkpoints of every account.
-    pub async fn listing_checkpoints(&self) -> Result<HashMap<String, u64>, StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::listing_checkpoints(pool).await,
-            Backend::Sqlite { pool, .. } => sqlite::listing_checkpoints(pool).await,
-        }
+    /// Keeps `bytes` as the newest snapshot of the verification index, holding the
+    /// sequences of `events` events (older snapshots are dropped).
+    pub async fn save_index_snapshot(&self, bytes: &[u8], events: u64) -> Result<(), StoreError> {
+        let taken_ms = chrono::Utc::now().timestamp_millis();
+        with_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM index_snapshots")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO index_snapshots (taken_ms, events, snapshot) VALUES ($1, $2, $3)",
+            )
+            .bind(taken_ms)
+            .bind(events.min(i64::MAX as u64) as i64)
+            .bind(bytes)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
-    /// The listing rows of one account, oldest first.
-    pub async fn listing_of(&self, account_id: &str) -> Result<Vec<ListingRow>, StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::listing_of(pool, Some(account_id)).await,
-            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, Some(account_id)).await,
-        }
+    /// The newest snapshot of the verification index, if any.
+    pub async fn load_index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        with_pool!(self, |pool| {
+            Ok(sqlx::query_scalar::<_, Vec<u8>>(
+                "SELECT snapshot FROM index_snapshots ORDER BY taken_ms DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await?)
+        })
     }
-}
 
-/// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
-fn decode(
-    account_id: &str,
-    sequence: i64,
-    payload: &str,
-    metadata: &str,
-) -> Result<StoredRecord, StoreError> {
-    let event: KeyringEvent = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
-        account_id: account_id.to_owned(),
-        sequence,
-        reason: e.to_string(),
-    })?;
-    let metadata: HashMap<String, String> = serde_json::from_str(metadata).unwrap_or_default();
-    let sequence = sequence.max(0) as u64;
-    Ok(StoredRecord {
-        account_id: account_id.to_owned(),
-        sequence,
-        event,
-        chain: chain::recorded(&metadata, sequence).map(|c| chain::to_hex(&c)),
-    })
-}
-
-/// The records of `records` after `checkpoint`, or a gap error.
-fn unapplied(records: &[StoredRecord], checkpoint: u64) -> Result<&[StoredRecord], StoreError> {
-    let start = records.partition_point(|r| r.sequence <= checkpoint);
-    let rest = &records[start..];
-    match rest.first() {
-        Some(first) if first.sequence != checkpoint + 1 => Err(StoreError::Gap { checkpoint }),
-        _ => Ok(rest),
-    }
-}
-
-const LISTING: &str = "listing";
-
-/// The PostgreSQL channel on which every commit names its account.
-pub const NOTIFY_CHANNEL: &str = "keyledger_events";
-
-impl Store {
     /// A listener on [`NOTIFY_CHANNEL`] (PostgreSQL only).
     pub async fn listen(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
         match &self.backend {
@@ -296,18 +367,6 @@ impl Store {
             Backend::Sqlite { .. } => Ok(None),
         }
     }
-}
-
-pub use postgres::{IndexRow, IndexSnapshot};
-
-impl Store {
-    /// Every listing row, ordered by account, creation time, key id.
-    pub async fn listing_all(&self) -> Result<Vec<ListingRow>, StoreError> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => postgres::listing_of(pool, None).await,
-            Backend::Sqlite { pool, .. } => sqlite::listing_of(pool, None).await,
-        }
-    }
 
     /// The chain values the relay recorded for these (account, sequence) pairs (PostgreSQL
     /// with the bus; empty otherwise).
@@ -315,75 +374,94 @@ impl Store {
         &self,
         keys: &[(String, u64)],
     ) -> Result<HashMap<(String, u64), String>, StoreError> {
-        let Backend::Postgres { pool, .. } = &self.backend else {
+        let Some(pool) = self.pg_pool() else {
             return Ok(HashMap::new());
         };
-        postgres::recorded_chains(pool, keys).await
-    }
-
-    /// The PostgreSQL pool (the bus runs on PostgreSQL only).
-    pub fn pg_pool(&self) -> Option<&PgPool> {
-        match &self.backend {
-            Backend::Postgres { pool, .. } => Some(pool),
-            Backend::Sqlite { .. } => None,
-        }
+        let accounts: Vec<&str> = keys.iter().map(|(a, _)| a.as_str()).collect();
+        let sequences: Vec<i64> = keys.iter().map(|(_, s)| *s as i64).collect();
+        Ok(sqlx::query_as::<_, (String, i64, String)>(
+            "SELECT c.account_id, c.sequence, c.chain FROM event_chain c \
+             JOIN unnest($1::text[], $2::bigint[]) AS k(account_id, sequence) \
+             ON c.account_id = k.account_id AND c.sequence = k.sequence",
+        )
+        .bind(&accounts)
+        .bind(&sequences)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(a, s, c)| ((a, s.max(0) as u64), c))
+        .collect())
     }
 }
 
-/// Applies events consumed from a topic to the listing and the persisted index, and
-/// records the consumer's next offsets — all in one transaction. Records of each account
-/// must be in order; a gap is filled from the event store.
-pub async fn project_batch(
-    store: &Store,
-    consumer: &str,
-    topic: &str,
-    by_account: &[(String, Vec<StoredRecord>)],
-    next_offsets: &[(i32, i64)],
-) -> Result<(), StoreError> {
-    let pool = store.pg_pool().ok_or_else(|| StoreError::Corrupt {
-        account_id: String::new(),
-        sequence: 0,
-        reason: "the projector needs PostgreSQL".into(),
-    })?;
-    let mut tx = pool.begin().await?;
-    for (account, records) in by_account {
-        for apply in [0, 1] {
-            let result = if apply == 0 {
-                postgres::apply_to_listing_tx(&mut tx, account, records).await
-            } else {
-                postgres::apply_to_index_tx(&mut tx, account, records).await
-            };
-            if let Err(StoreError::Gap { checkpoint }) = result {
-                let missing = store.events_after(account, checkpoint).await?;
-                if apply == 0 {
-                    postgres::apply_to_listing_tx(&mut tx, account, &missing).await?;
-                } else {
-                    postgres::apply_to_index_tx(&mut tx, account, &missing).await?;
-                }
-            } else {
-                result?;
+/// The whole store, page by page: see [`Store::pages`].
+pub struct Pages<'a> {
+    store: &'a Store,
+    after: Option<(String, u64)>,
+    done: bool,
+}
+
+impl Pages<'_> {
+    /// The next page of records, grouped by account; `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<(String, Vec<StoredRecord>)>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .events_page(
+                self.after.as_ref().map(|(a, s)| (a.as_str(), *s)),
+                REPLAY_PAGE,
+            )
+            .await?;
+        let Some(last) = page.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.after = Some((last.account_id.clone(), last.sequence));
+        Ok(Some(group_by_account(page)))
+    }
+}
+
+/// Records of several accounts (each account's in order, accounts together) as one list
+/// per account, first seen first.
+pub fn group_by_account(records: Vec<StoredRecord>) -> Vec<(String, Vec<StoredRecord>)> {
+    let mut out: Vec<(String, Vec<StoredRecord>)> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for record in records {
+        match at.get(&record.account_id) {
+            Some(&i) => out[i].1.push(record),
+            None => {
+                at.insert(record.account_id.clone(), out.len());
+                out.push((record.account_id.clone(), vec![record]));
             }
         }
     }
-    for (partition, next) in next_offsets {
-        offsets::save(&mut *tx, consumer, topic, *partition, *next).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    out
 }
 
-/// The persisted index with the projector's offsets, in one snapshot.
-pub async fn index_snapshot(
-    store: &Store,
-    consumer: &str,
-    topic: &str,
-) -> Result<IndexSnapshot, StoreError> {
-    match store.pg_pool() {
-        Some(pool) => postgres::index_snapshot(pool, consumer, topic).await,
-        None => Ok(IndexSnapshot {
-            accounts: vec![],
-            rows: vec![],
-            offsets: vec![],
-        }),
-    }
+/// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
+fn decode(
+    account_id: String,
+    sequence: i64,
+    payload: String,
+    metadata: String,
+) -> Result<StoredRecord, StoreError> {
+    let event: KeyringEvent = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
+        account_id: account_id.clone(),
+        sequence,
+        reason: e.to_string(),
+    })?;
+    let metadata: HashMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
+    let sequence = sequence.max(0) as u64;
+    let chain = chain::recorded(&metadata, sequence).map(|c| chain::to_hex(&c));
+    Ok(StoredRecord {
+        account_id,
+        sequence,
+        event,
+        chain,
+    })
 }
+
+/// The PostgreSQL channel on which every commit names its account.
+pub const NOTIFY_CHANNEL: &str = "keyledger_events";

@@ -11,7 +11,11 @@ use sqlx::{Connection, Executor, PgConnection};
 use crate::common::{Backing, TestApp};
 use crate::kafka;
 
-async fn audit(url: &str, args: &[&str], bus: Option<&keyledger::bus::BusConfig>) -> (bool, Value) {
+async fn audit(
+    url: &str,
+    args: &[&str],
+    bus: Option<&keyledger::kafka::BusConfig>,
+) -> (bool, Value) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyledger"));
     cmd.arg("audit")
         .args(args)

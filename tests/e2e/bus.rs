@@ -7,9 +7,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use crypto_box::SecretKey;
-use keyledger_events::chain;
-use keyledger::bus::projector::parse_event;
 use keyledger::config::Roles;
+use keyledger_events::chain;
+use keyledger_events::decode_event as parse_event;
 use keyledger_projections::{Listing, ListingRow};
 use rand::rngs::OsRng;
 use serde_json::{json, Value};
@@ -377,7 +377,7 @@ async fn listed(db: &mut PgConnection) -> i64 {
 
 /// A fresh database and topics, and the service in-process running `roles` (the part under
 /// test runs as a separate process).
-async fn spawn_without_one_part(roles: &str) -> (String, keyledger::bus::BusConfig, TestApp) {
+async fn spawn_without_one_part(roles: &str) -> (String, keyledger::kafka::BusConfig, TestApp) {
     let backing = Backing::postgres().await;
     let Backing::Postgres(url) = backing.clone() else {
         unreachable!()
@@ -497,22 +497,22 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
     });
     assert_eq!(counts.len(), 21);
 
-    // The persisted verification index: a restarting instance loads it with the offsets
-    // it reflects — the whole topic — and answers from it without replaying anything.
+    // The persisted verification index holds every key, the revoked one as revoked.
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM verification_index")
+        .fetch_all(&mut db)
+        .await
+        .expect("index rows");
+    assert_eq!(statuses.len(), 304, "300 + a, b, c + b2");
+    assert_eq!(statuses.iter().filter(|s| *s == "revoked").count(), 1);
+
+    // A restarting instance's index (its snapshot, then what the store holds past it)
+    // answers as the running one does.
     let store = keyledger::store::Store::connect_postgres(&url, 2)
         .await
         .expect("store");
     let hasher = keyledger::domain::KeyHasher::new(crate::common::PEPPER.as_bytes());
     let read_side = keyledger::read_side::ReadSide::new(hasher, None);
-    let from = keyledger::bus::follower::load_index(&bus, &store, &read_side)
-        .await
-        .expect("loads");
-    let resumed_at: i64 = from.iter().map(|(_, next)| next).sum();
-    assert_eq!(
-        resumed_at,
-        events.len() as i64,
-        "resumes at the end of the topic"
-    );
+    read_side.start(&store).await.expect("starts");
     assert_eq!(read_side.index_stats().keys, 304, "300 + a, b, c + b2");
     let now = chrono::Utc::now();
     assert_eq!(

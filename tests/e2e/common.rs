@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use keyledger::app::Application;
-use keyledger::bus::BusConfig;
 use keyledger::config::{Inputs, Roles, Settings};
 use keyledger::domain::Policy;
+use keyledger::kafka::BusConfig;
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection};

@@ -146,7 +146,6 @@ async fn a_consumer_whose_next_records_were_deleted_halts_instead_of_skipping() 
         body = b;
         if status == StatusCode::SERVICE_UNAVAILABLE
             && body["checks"]["consumers"]["keyledger-projector"].is_string()
-            && body["checks"]["consumers"]["index-follower"].is_string()
         {
             break;
         }
@@ -158,11 +157,11 @@ async fn a_consumer_whose_next_records_were_deleted_halts_instead_of_skipping() 
             .is_some_and(|s| s.starts_with("halted")),
         "readyz names the halted projector: {body}"
     );
+    // The index follower needs only what is published after its start (the index itself
+    // comes from the store): the deleted records are not its concern, and it runs on.
     assert!(
-        body["checks"]["consumers"]["index-follower"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("halted")),
-        "and the halted index follower: {body}"
+        body["checks"]["consumers"]["index-follower"].is_null(),
+        "{body}"
     );
     let metrics = app
         .get_open("/metrics")
@@ -260,7 +259,7 @@ async fn commands_sent_through_a_broker_crash_take_effect_exactly_once() {
         .await
         .expect("broker");
     let url = crate::common::fresh_database().await;
-    let mut bus = keyledger::bus::BusConfig::new(broker.address.clone());
+    let mut bus = keyledger::kafka::BusConfig::new(broker.address.clone());
     bus.topic_prefix = "crash.".into();
     bus.partitions = 3;
     let _service = spawn_process_env(&url, &bus, "all", &[]).await;

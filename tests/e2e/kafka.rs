@@ -4,8 +4,8 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keyledger::bus::BusConfig;
 use keyledger::config::Roles;
+use keyledger::kafka::BusConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -139,7 +139,12 @@ pub async fn spawn_process_env(
         .env("KEYLEDGER_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "keyledger=info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // KEYLEDGER_TEST_LOG=1 shows the process's log with the test's.
+        .stderr(if std::env::var_os("KEYLEDGER_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .expect("keyledger runs")

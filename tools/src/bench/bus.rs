@@ -24,7 +24,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
 use super::percentile;
-use crate::bus::BusConfig;
+use keyledger::kafka::BusConfig;
 
 pub struct LoadSettings {
     pub database_url: String,
@@ -279,7 +279,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     bus.ensure_topics().await?;
     let topic = bus.events_topic();
     let producer = bus.producer(20)?;
-    let hasher = crate::domain::KeyHasher::new(b"bench-audit pepper bench-audit pepper");
+    let hasher = keyledger::domain::KeyHasher::new(b"bench-audit pepper bench-audit pepper");
     let now = chrono::Utc::now();
     eprintln!("writing {events} events to {topic}…");
     let started = Instant::now();
@@ -339,14 +339,14 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
             }
             let bare = got as f64 / started.elapsed().as_secs_f64();
             eprintln!("bare consumer: {got} records at {bare:.0}/s; audit --from kafka…");
-            let opts = crate::audit::AuditOptions {
+            let opts = keyledger::audit::AuditOptions {
                 account: None,
                 until: None,
                 validity_months: 6,
                 print_listing: false,
             };
             let started = Instant::now();
-            let auditor = crate::audit::from_kafka(&bus, opts)?;
+            let auditor = keyledger::audit::from_kafka(&bus, opts)?;
             let seconds = started.elapsed().as_secs_f64();
             let (n, findings) = auditor.summary();
             for f in auditor.first_findings(5) {

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::bus::BusConfig;
+use keyledger::kafka::BusConfig;
 
 pub struct DrillSettings {
     pub database_url: String,
@@ -92,7 +92,7 @@ pub async fn load(s: DrillSettings) -> anyhow::Result<(Value, bool)> {
             .public_key()
             .as_bytes(),
     );
-    let producer = crate::bus::publisher::Publisher::new(&s.bus, 2)?;
+    let producer = keyledger::kafka::publisher::Publisher::new(&s.bus, 2)?;
     let commands_topic = s.bus.commands_topic();
     let results: StreamConsumer = s.bus.reader(&s.bus.results_topic(), &[])?;
     let mut stream = results.stream();

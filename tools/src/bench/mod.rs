@@ -24,7 +24,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// valid for 180 days from `now`, its hash made with `hasher`. Returns the account, the
 /// event's sequence in it, and the event.
 pub fn synthetic_key(
-    hasher: &crate::domain::KeyHasher,
+    hasher: &keyledger::domain::KeyHasher,
     i: usize,
     now: chrono::DateTime<chrono::Utc>,
 ) -> (String, u64, keyledger_events::KeyringEvent) {

@@ -8,10 +8,10 @@ use keyledger_events::{Command, CommandEnvelope, KeyGenerated, KeyringEvent};
 use proptest::prelude::*;
 use uuid::Uuid;
 
-use crate::bus::seal;
-use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, Policy};
-use crate::keyring::{Keyring, KeyringCommand, NewKeyMaterial};
-use crate::read_side::{ReadSide, Rejection};
+use keyledger::bus::seal;
+use keyledger::domain::{mint_key, AccountId, KeyHasher, LoginEmail, Policy};
+use keyledger::keyring::{Keyring, KeyringCommand, NewKeyMaterial};
+use keyledger::read_side::{ReadSide, Rejection};
 
 fn cases(default: u32) -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
@@ -90,7 +90,7 @@ fn t0() -> chrono::DateTime<Utc> {
 fn keyring() -> Keyring {
     use cqrs_es::Aggregate;
     let mut k = Keyring::default();
-    k.apply(crate::keyring::StoredEvent(KeyringEvent::KeyGenerated(
+    k.apply(keyledger::keyring::StoredEvent(KeyringEvent::KeyGenerated(
         KeyGenerated {
             command_id: Uuid::nil(),
             key_id: Uuid::from_u128(1),
