@@ -18,7 +18,7 @@ use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
 use crate::domain::KeyHasher;
 use crate::handler::CommandHandler;
-use crate::http::{router, AppState, Services};
+use crate::http::{AppState, Services};
 use crate::kafka::halt::Halts;
 use crate::kafka::publisher::Publisher;
 use crate::kafka::BusConfig;
@@ -33,7 +33,7 @@ use crate::store::Store;
 /// A built service: bound to its port (when it serves HTTP), background parts running.
 pub struct Application {
     listener: Option<TcpListener>,
-    router: axum::Router,
+    service: crate::http::Gate,
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     pub state: AppState,
@@ -125,10 +125,17 @@ impl Application {
                     .context("cannot LISTEN for other instances' commits")?,
                 Source::Topic { .. } => None,
             };
-            let stats = read_side
-                .start(&store)
-                .await
-                .context("cannot load the verification index")?;
+            // The listing (without the bus) is brought up to date at the same time.
+            let heads = store.account_heads().await?;
+            let (stats, _) = tokio::try_join!(
+                async {
+                    read_side
+                        .start(&store, &heads)
+                        .await
+                        .context("cannot load the verification index")
+                },
+                catch_up_listing(&store, &source, &heads),
+            )?;
             tracing::info!(
                 from_snapshot = stats.from_snapshot,
                 events = stats.events,
@@ -159,20 +166,8 @@ impl Application {
             ));
         }
 
-        // The listing table without the bus: current before serving (a first start on an
-        // imported history writes it here), then kept by its feed and this process's commits.
-        if matches!(source, Source::Store) {
-            let started = std::time::Instant::now();
-            let applied = from_store::catch_up_all(&store, &[&ListingTable])
-                .await
-                .context("cannot bring the listing up to date")?;
-            if applied > 0 {
-                tracing::info!(
-                    events = applied,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "listing caught up"
-                );
-            }
+        if !roles.http {
+            catch_up_listing(&store, &source, &store.account_heads().await?).await?;
         }
 
         let services = KeyringServices {
@@ -294,7 +289,7 @@ impl Application {
         };
         Ok(Self {
             listener,
-            router: router(state.clone()),
+            service: crate::http::service(state.clone()),
             tasks,
             stop,
             state,
@@ -320,7 +315,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let result = match self.listener {
             Some(listener) => {
-                axum::serve(listener, self.router)
+                axum::serve(listener, tower::make::Shared::new(self.service))
                     .with_graceful_shutdown(shutdown)
                     .await
             }
@@ -341,6 +336,30 @@ impl Application {
         }
         result
     }
+}
+
+/// The listing table without the bus: current before serving (a first start on an
+/// imported history writes it here), then kept by its feed and this process's commits.
+async fn catch_up_listing(
+    store: &Store,
+    source: &Source,
+    heads: &[(String, u64)],
+) -> anyhow::Result<()> {
+    if !matches!(source, Source::Store) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let applied = from_store::catch_up_all(store, &[&ListingTable], heads)
+        .await
+        .context("cannot bring the listing up to date")?;
+    if applied > 0 {
+        tracing::info!(
+            events = applied,
+            seconds = started.elapsed().as_secs_f64(),
+            "listing caught up"
+        );
+    }
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -20,7 +20,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::kafka::BusConfig;
-use crate::store::{Store, REPLAY_PAGE};
+use crate::store::Store;
 use keyledger_events::chain;
 
 /// One thing found wrong.
@@ -482,29 +482,30 @@ fn progress(total: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// Replays the store.
+/// Replays the store (one account's events, or every page of the log).
 pub async fn from_store(store: &Store, opts: AuditOptions) -> anyhow::Result<Auditor> {
     let mut auditor = Auditor::new(opts.clone());
     let bar = progress(None);
-    let mut after: Option<(String, u64)> = None;
+    let mut pages = store.pages();
+    let mut one = match &opts.account {
+        Some(a) => Some(vec![(a.clone(), store.events_after(a, 0).await?)]),
+        None => None,
+    };
     loop {
-        let page = match &opts.account {
-            Some(a) if after.is_none() => store.events_after(a, 0).await?,
-            Some(_) => Vec::new(),
-            None => {
-                store
-                    .events_page(after.as_ref().map(|(a, s)| (a.as_str(), *s)), REPLAY_PAGE)
-                    .await?
-            }
+        let page = match (&opts.account, one.take()) {
+            (Some(_), Some(page)) => page,
+            (Some(_), None) => break,
+            (None, _) => match pages.next().await? {
+                Some(page) => page,
+                None => break,
+            },
         };
-        let Some(last) = page.last() else { break };
-        after = Some((last.account_id.clone(), last.sequence));
         let keys: Vec<(String, u64)> = page
             .iter()
-            .map(|r| (r.account_id.clone(), r.sequence))
+            .flat_map(|(a, records)| records.iter().map(move |r| (a.clone(), r.sequence)))
             .collect();
         let recorded = store.recorded_chains(&keys).await?;
-        for r in &page {
+        for r in page.iter().flat_map(|(_, records)| records) {
             // The value written with the event; else the one the relay recorded.
             let carried = r.chain.as_deref().or_else(|| {
                 recorded
@@ -513,7 +514,7 @@ pub async fn from_store(store: &Store, opts: AuditOptions) -> anyhow::Result<Aud
             });
             auditor.feed(&r.account_id, r.sequence, &r.event, carried, None);
         }
-        bar.inc(page.len() as u64);
+        bar.inc(keys.len() as u64);
     }
     bar.finish_and_clear();
     Ok(auditor)

@@ -2,11 +2,9 @@
 //! the bearer-token check.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::Response;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -50,24 +48,10 @@ fn json_error(rejection: JsonRejection) -> ApiError {
 /// The request body as JSON, parsed borrowing from `body` (for the hot path; the same
 /// errors as [`ApiJson`]).
 pub fn json_body<'a, T: serde::Deserialize<'a>>(
-    headers: &HeaderMap,
+    content_type: JsonContentType,
     body: &'a [u8],
 ) -> Result<T, ApiError> {
-    let is_json = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let essence = v
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
-            essence == "application/json"
-                || (essence.starts_with("application/") && essence.ends_with("+json"))
-        })
-        .unwrap_or(false);
-    if !is_json {
+    if !content_type.0 {
         return Err(ApiError::invalid_request(
             "the body must be JSON with 'Content-Type: application/json'",
         ));
@@ -93,23 +77,40 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     }
 }
 
-/// Middleware: every route it wraps needs `Authorization: Bearer <token>`.
-pub async fn require_token(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = req
-        .headers()
+/// Whether the request carries `Authorization: Bearer <token>` with the API token.
+/// blake3::Hash compares in constant time.
+pub fn token_matches(headers: &HeaderMap, state: &AppState) -> bool {
+    headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        // blake3::Hash compares in constant time.
-        Some(token) if blake3::hash(token.as_bytes()) == state.token_hash => {
-            Ok(next.run(req).await)
-        }
-        _ => Err(ApiError::unauthorized()),
+        .map(str::trim)
+        .is_some_and(|token| blake3::hash(token.as_bytes()) == state.token_hash)
+}
+
+/// Whether the request says its body is JSON (`application/json`, or `application/*+json`),
+/// read from the headers in place.
+pub struct JsonContentType(pub bool);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JsonContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| {
+                    let essence = v.split(';').next().unwrap_or_default().trim();
+                    essence.eq_ignore_ascii_case("application/json")
+                        || (essence.len() > 17
+                            && essence[..12].eq_ignore_ascii_case("application/")
+                            && essence.ends_with("+json"))
+                }),
+        ))
     }
 }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::http::Method;
 use axum::routing::{delete, get, post, put, MethodRouter};
-use axum::{middleware, Json, Router};
+use axum::{Json, Router};
 use serde_json::json;
 
 pub use error::ApiError;
@@ -51,62 +52,157 @@ pub enum Access {
     Token,
 }
 
-/// Every route: its path, its handlers, who may call it. The router is built from this
-/// list, and a test checks the OpenAPI document against it.
-pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Access)> {
+/// One route: a method on a path, its handler, who may call it.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub handler: MethodRouter<AppState>,
+    pub access: Access,
+}
+
+fn route(
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<AppState>,
+    access: Access,
+) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+        access,
+    }
+}
+
+/// Every route. The router and the gate in front of it are built from this list, and a
+/// test checks the OpenAPI document against it.
+pub fn routes() -> Vec<Route> {
     use Access::*;
+    const KEYS: &str = "/v1/accounts/{account_id}/keys";
+    const KEY: &str = "/v1/accounts/{account_id}/keys/{key_id}";
     vec![
-        ("/livez", get(livez), Open),
-        ("/healthz", get(healthz), Open),
-        ("/readyz", get(health::readyz), Open),
-        ("/metrics", get(health::metrics), Open),
-        (
-            "/v1/accounts/{account_id}/keys",
-            post(keys::generate).get(keys::list),
-            Token,
-        ),
-        (
+        route(Method::GET, "/livez", get(livez), Open),
+        route(Method::GET, "/healthz", get(healthz), Open),
+        route(Method::GET, "/readyz", get(health::readyz), Open),
+        route(Method::GET, "/metrics", get(health::metrics), Open),
+        route(Method::POST, KEYS, post(keys::generate), Token),
+        route(Method::GET, KEYS, get(keys::list), Token),
+        route(
+            Method::PUT,
             "/v1/accounts/{account_id}/keys/{key_id}/contacts",
             put(keys::update_contacts),
             Token,
         ),
-        (
-            "/v1/accounts/{account_id}/keys/{key_id}",
-            delete(keys::revoke),
-            Token,
-        ),
-        (
+        route(Method::DELETE, KEY, delete(keys::revoke), Token),
+        route(
+            Method::POST,
             "/v1/accounts/{account_id}/keys/{key_id}/rotate",
             post(keys::rotate),
             Token,
         ),
-        (
+        route(
+            Method::POST,
             "/v1/accounts/{account_id}/legacy-key",
             post(keys::migrate_legacy),
             Token,
         ),
-        ("/v1/verify", post(verify::verify), Token),
-        ("/v1/reminders", get(reminders::upcoming), Token),
-        ("/openapi.yaml", get(openapi), Token),
+        route(Method::POST, "/v1/verify", post(verify::verify), Token),
+        route(Method::GET, "/v1/reminders", get(reminders::upcoming), Token),
+        route(Method::GET, "/openapi.yaml", get(openapi), Token),
     ]
 }
 
-pub fn router(state: AppState) -> Router {
-    let (mut open, mut protected) = (Router::new(), Router::new());
-    for (path, handlers, access) in routes() {
-        match access {
-            Access::Open => open = open.route(path, handlers),
-            Access::Token => protected = protected.route(path, handlers),
+/// The router alone (no gate): what the routes do.
+fn router(state: AppState, routes: Vec<Route>) -> Router {
+    let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
+    for r in routes {
+        match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, handlers)) => *handlers = std::mem::take(handlers).merge(r.handler),
+            None => by_path.push((r.path, r.handler)),
         }
     }
-    let protected = protected.route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        extract::require_token,
-    ));
-    open.merge(protected)
+    by_path
+        .into_iter()
+        .fold(Router::new(), |router, (path, handlers)| router.route(path, handlers))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The HTTP service: the gate, which lets a request through to the router only when its
+/// route is open or it carries a valid token, in front of the router. Checking here, once
+/// per request, costs a path match and a hash; a middleware on every route would also
+/// clone the route's boxed service on every call.
+#[derive(Clone)]
+pub struct Gate {
+    router: Router,
+    access: Arc<matchit::Router<Vec<(Method, Access)>>>,
+    state: AppState,
+}
+
+/// Builds the HTTP service.
+pub fn service(state: AppState) -> Gate {
+    let routes = routes();
+    let mut table: Vec<(&'static str, Vec<(Method, Access)>)> = Vec::new();
+    for r in &routes {
+        match table.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, methods)) => methods.push((r.method.clone(), r.access)),
+            None => table.push((r.path, vec![(r.method.clone(), r.access)])),
+        }
+    }
+    let mut access = matchit::Router::new();
+    for (path, methods) in table {
+        // The paths are the router's own: a clash would have failed the router too.
+        let _ = access.insert(path, methods);
+    }
+    Gate {
+        router: router(state.clone(), routes),
+        access: Arc::new(access),
+        state,
+    }
+}
+
+impl Gate {
+    /// Who may call `method` on `path`; `None` for a route that does not exist (the router
+    /// answers it: 404 or 405).
+    fn access(&self, method: &Method, path: &str) -> Option<Access> {
+        let found = self.access.at(path).ok()?;
+        found
+            .value
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, a)| *a)
+    }
+}
+
+impl tower::Service<axum::extract::Request> for Gate {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        std::future::Ready<Result<Self::Response, Self::Error>>,
+        <Router as tower::Service<axum::extract::Request>>::Future,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        let allowed = match self.access(req.method(), req.uri().path()) {
+            Some(Access::Open) | None => true,
+            Some(Access::Token) => extract::token_matches(req.headers(), &self.state),
+        };
+        if allowed {
+            futures::future::Either::Right(tower::Service::call(&mut self.router, req))
+        } else {
+            futures::future::Either::Left(std::future::ready(Ok(
+                ApiError::unauthorized().into_response()
+            )))
+        }
+    }
 }
 
 /// The process answers, and nothing else is asked: for an orchestrator's liveness probe
@@ -139,14 +235,22 @@ async fn not_found() -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    /// Every route the router serves is described in the OpenAPI document.
+    /// Every route the router serves is described in the OpenAPI document, with its method.
     #[test]
     fn openapi_describes_every_route() {
         let doc = include_str!("../../docs/openapi.yaml");
-        for (path, _, _) in super::routes() {
+        for r in super::routes() {
+            let at = doc
+                .find(&format!("\n  {}:", r.path))
+                .unwrap_or_else(|| panic!("{} is missing from docs/openapi.yaml", r.path));
+            let rest = &doc[at + 1..];
+            let end = rest[2..].find("\n  /").map(|e| e + 2).unwrap_or(rest.len());
+            let method = format!("    {}:", r.method.as_str().to_ascii_lowercase());
             assert!(
-                doc.contains(&format!("\n  {path}:")),
-                "{path} is missing from docs/openapi.yaml"
+                rest[..end].contains(&method),
+                "{} {} is missing from docs/openapi.yaml",
+                r.method,
+                r.path
             );
         }
     }

@@ -8,14 +8,14 @@ use std::borrow::Cow;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::extract::json_body;
+use super::extract::{json_body, JsonContentType};
 use super::AppState;
 use crate::read_side::{Rejection, ValidKey};
 
@@ -79,11 +79,11 @@ fn answer_invalid(r: Rejection) -> Vec<u8> {
 
 pub async fn verify(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    content_type: JsonContentType,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
-    let body: VerifyBody<'_> = json_body(&headers, &body)?;
+    let body: VerifyBody<'_> = json_body(content_type, &body)?;
     let now = state.clock.now();
     let started = std::time::Instant::now();
     let from = body.from.as_deref();

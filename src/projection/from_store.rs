@@ -32,7 +32,11 @@ pub async fn follow(
     let mut behind = true;
     loop {
         if behind {
-            match catch_up_all(&store, &[&*projection]).await {
+            let caught = match store.account_heads().await {
+                Ok(heads) => catch_up_all(&store, &[&*projection], &heads).await,
+                Err(e) => Err(e),
+            };
+            match caught {
                 Ok(_) => behind = false,
                 Err(e) => {
                     tracing::warn!(part = name, error = %e, "cannot catch up with the event store; retrying");
@@ -88,40 +92,59 @@ pub async fn catch_up_account(
     apply(store, &[projection], &[(account.to_owned(), records)], None).await
 }
 
-/// Applies every stored event the projections have not seen, one transaction per page;
-/// returns how many events were applied. What every projection's checkpoint already covers
-/// is dropped before the transaction, so a current projection costs one read of the log.
+/// Applies every stored event the projections have not seen; returns how many events
+/// were applied. Which accounts are behind follows from each account's head (`heads`,
+/// from [`Store::account_heads`]) and the checkpoints, so a current projection costs no
+/// read of the log; when
+/// much of the log is new (a first start on an imported history) it is read in one pass,
+/// a transaction per page, else account by account.
 pub async fn catch_up_all(
     store: &Store,
     projections: &[&dyn Projection],
+    heads: &[(String, u64)],
 ) -> Result<u64, StoreError> {
     let mut at = Vec::with_capacity(projections.len());
     for p in projections {
         at.push(checkpoints::all(store, p.name()).await?);
     }
-    let mut pages = store.pages();
+    let lowest = |account: &str| {
+        at.iter()
+            .map(|c| c.get(account).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    };
+    let behind: Vec<(&str, u64)> = heads
+        .iter()
+        .filter_map(|(account, head)| {
+            let applied = lowest(account);
+            (*head > applied).then_some((account.as_str(), applied))
+        })
+        .collect();
     let mut applied = 0u64;
-    while let Some(page) = pages.next().await? {
-        let todo: Vec<(String, Vec<StoredRecord>)> = page
-            .into_iter()
-            .filter_map(|(account, records)| {
-                let lowest = at
-                    .iter()
-                    .map(|c| c.get(&account).copied().unwrap_or(0))
-                    .min()
-                    .unwrap_or(0);
-                let rest: Vec<StoredRecord> = records
-                    .into_iter()
-                    .filter(|r| r.sequence > lowest)
-                    .collect();
-                (!rest.is_empty()).then_some((account, rest))
-            })
-            .collect();
-        if todo.is_empty() {
-            continue;
+    if behind.len() > 1000 {
+        let mut pages = store.pages();
+        while let Some(page) = pages.next().await? {
+            let todo: Vec<(String, Vec<StoredRecord>)> = page
+                .into_iter()
+                .filter_map(|(account, records)| {
+                    let lowest = lowest(&account);
+                    let rest: Vec<StoredRecord> =
+                        records.into_iter().filter(|r| r.sequence > lowest).collect();
+                    (!rest.is_empty()).then_some((account, rest))
+                })
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            applied += todo.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
+            apply(store, projections, &todo, None).await?;
         }
-        applied += todo.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
-        apply(store, projections, &todo, None).await?;
+    } else {
+        for (account, after) in behind {
+            let records = store.events_after(account, after).await?;
+            applied += records.len() as u64;
+            apply(store, projections, &[(account.to_owned(), records)], None).await?;
+        }
     }
     Ok(applied)
 }

@@ -60,15 +60,16 @@ async fn insert_rows(tx: &mut Tx, rows: &mut Vec<ListingRow>) -> Result<(), Stor
     match tx {
         Tx::Pg(t) => {
             let column = |f: fn(&ListingRow) -> String| rows.iter().map(f).collect::<Vec<_>>();
-            let contacts: Vec<serde_json::Value> =
-                rows.iter().map(|r| serde_json::json!(r.contacts)).collect();
+            // Contacts travel as one text each, one address a line (an address holds no
+            // line break), split back into an array by the database.
+            let contacts: Vec<String> = rows.iter().map(|r| r.contacts.join("\n")).collect();
             let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
             let expires: Vec<DateTime<Utc>> = rows.iter().map(|r| r.expires_at).collect();
             let key_ids: Vec<Uuid> = rows.iter().map(|r| r.key_id).collect();
             sqlx::query(
                 "INSERT INTO key_listing (account_id, key_id, label, last_five, contacts, created_at, expires_at, status) \
-                 SELECT a, k, l, f, ARRAY(SELECT jsonb_array_elements_text(c)), ca, ea, s \
-                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], \
+                 SELECT a, k, l, f, string_to_array(c, E'\\n'), ca, ea, s \
+                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
                              $6::timestamptz[], $7::timestamptz[], $8::text[]) AS t(a, k, l, f, c, ca, ea, s) \
                  ON CONFLICT (account_id, key_id) DO NOTHING",
             )
@@ -84,21 +85,23 @@ async fn insert_rows(tx: &mut Tx, rows: &mut Vec<ListingRow>) -> Result<(), Stor
             .await?;
         }
         Tx::Lite(t) => {
-            for row in rows.iter() {
-                sqlx::query(
-                    "INSERT INTO key_listing (account_id, key_id, label, last_five, contacts, created_at, expires_at, status) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (account_id, key_id) DO NOTHING",
-                )
-                .bind(&row.account_id)
-                .bind(row.key_id.to_string())
-                .bind(&row.label)
-                .bind(&row.last_five)
-                .bind(json_list(&row.contacts))
-                .bind(row.created_at)
-                .bind(row.expires_at)
-                .bind(row.status.as_str())
-                .execute(&mut **t)
-                .await?;
+            // Many rows a statement (8 parameters each, within SQLite's limit).
+            for chunk in rows.chunks(500) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO key_listing (account_id, key_id, label, last_five, contacts, created_at, expires_at, status) ",
+                );
+                q.push_values(chunk, |mut b, row| {
+                    b.push_bind(row.account_id.clone())
+                        .push_bind(row.key_id.to_string())
+                        .push_bind(row.label.clone())
+                        .push_bind(row.last_five.clone())
+                        .push_bind(json_list(&row.contacts))
+                        .push_bind(row.created_at)
+                        .push_bind(row.expires_at)
+                        .push_bind(row.status.as_str());
+                });
+                q.push(" ON CONFLICT (account_id, key_id) DO NOTHING");
+                q.build().execute(&mut **t).await?;
             }
         }
     }

@@ -199,8 +199,13 @@ impl ReadSide {
     }
 
     /// Makes the index current: the newest snapshot, then only the accounts whose head
-    /// moved since; without a usable snapshot, a replay of the whole log.
-    pub async fn start(&self, store: &Store) -> Result<StartStats, StoreError> {
+    /// (`heads`, from [`Store::account_heads`]) moved since; without a usable snapshot, a
+    /// replay of the whole log.
+    pub async fn start(
+        &self,
+        store: &Store,
+        heads: &[(String, u64)],
+    ) -> Result<StartStats, StoreError> {
         let started = Instant::now();
         let snapshot = match store.load_index_snapshot().await {
             Ok(Some(bytes)) => match VerificationIndex::from_snapshot(&bytes) {
@@ -219,8 +224,9 @@ impl ReadSide {
         let from_snapshot = snapshot.is_some();
         *self.index_mut() = snapshot.unwrap_or_default();
         self.changes.store(0, Ordering::Relaxed);
-        let (events, accounts) = self.catch_up(store).await?;
+        let (events, accounts) = self.catch_up(store, heads).await?;
         self.index_mut().shrink_to_fit();
+        release_freed_memory();
         if !from_snapshot {
             // Worth a snapshot even when the log is empty: the next start reads it.
             self.changes.fetch_add(1, Ordering::Relaxed);
@@ -234,17 +240,20 @@ impl ReadSide {
     }
 
     /// Applies what the index has not seen of the store: the accounts whose head is past
-    /// what the index applied (a small table to compare, not the log to read). Returns
-    /// (events, accounts) applied.
-    pub async fn catch_up(&self, store: &Store) -> Result<(u64, u64), StoreError> {
-        let behind: Vec<(String, u64)> = {
-            let heads = store.account_heads().await?;
+    /// what the index applied (a comparison, not a read of the log). Returns (events,
+    /// accounts) applied.
+    pub async fn catch_up(
+        &self,
+        store: &Store,
+        heads: &[(String, u64)],
+    ) -> Result<(u64, u64), StoreError> {
+        let behind: Vec<(&str, u64)> = {
             let index = self.index();
             heads
-                .into_iter()
+                .iter()
                 .filter_map(|(account, head)| {
-                    let applied = index.applied(&account);
-                    (head > applied).then_some((account, applied))
+                    let applied = index.applied(account);
+                    (*head > applied).then_some((account.as_str(), applied))
                 })
                 .collect()
         };
@@ -260,8 +269,8 @@ impl ReadSide {
             }
         } else {
             for (account, applied) in behind {
-                let records = store.events_after(&account, applied).await?;
-                events += self.apply_all(&account, &records);
+                let records = store.events_after(account, applied).await?;
+                events += self.apply_all(account, &records);
             }
         }
         Ok((events, accounts))
@@ -384,7 +393,10 @@ impl ReadSide {
                 Ok(Some(n)) => self.catch_up_account(&store, n.payload()).await,
                 Ok(None) => {
                     tracing::warn!("lost the LISTEN connection; catching up to miss nothing");
-                    self.catch_up(&store).await.map(|_| ())
+                    match store.account_heads().await {
+                        Ok(heads) => self.catch_up(&store, &heads).await.map(|_| ()),
+                        Err(e) => Err(e),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN failed; retrying");
@@ -450,6 +462,16 @@ impl ReadSide {
     /// Keys and accounts in the index, and its heap size.
     pub fn index_stats(&self) -> keyledger_projections::IndexStats {
         self.index().stats()
+    }
+}
+
+/// Gives the memory a bulk load freed back to the system (glibc keeps it otherwise, and
+/// the resident set would count a snapshot's bytes long after they were dropped).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -37,16 +37,19 @@ pub async fn lock(
             .await?
         }
         Tx::Lite(t) => {
+            // SQLite has one writer: no lock needed, one read per chunk of accounts.
             let mut rows = Vec::with_capacity(accounts.len());
-            for account in accounts {
-                let at: Option<i64> = sqlx::query_scalar(
-                    "SELECT sequence FROM projection_checkpoints WHERE projection = $1 AND account_id = $2",
-                )
-                .bind(projection)
-                .bind(account)
-                .fetch_optional(&mut **t)
-                .await?;
-                rows.push(((*account).to_owned(), at.unwrap_or(0)));
+            for chunk in accounts.chunks(900) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "SELECT account_id, sequence FROM projection_checkpoints WHERE projection = ",
+                );
+                q.push_bind(projection).push(" AND account_id IN (");
+                let mut list = q.separated(", ");
+                for account in chunk {
+                    list.push_bind(*account);
+                }
+                q.push(")");
+                rows.extend(q.build_query_as::<(String, i64)>().fetch_all(&mut **t).await?);
             }
             rows
         }
@@ -78,16 +81,17 @@ pub async fn set(tx: &mut Tx, projection: &str, moved: &[(&str, u64)]) -> Result
             .await?;
         }
         Tx::Lite(t) => {
-            for (account, sequence) in moved {
-                sqlx::query(
-                    "INSERT INTO projection_checkpoints (projection, account_id, sequence) VALUES ($1, $2, $3) \
-                     ON CONFLICT (projection, account_id) DO UPDATE SET sequence = excluded.sequence",
-                )
-                .bind(projection)
-                .bind(*account)
-                .bind(*sequence as i64)
-                .execute(&mut **t)
-                .await?;
+            for chunk in moved.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO projection_checkpoints (projection, account_id, sequence) ",
+                );
+                q.push_values(chunk, |mut b, (account, sequence)| {
+                    b.push_bind(projection)
+                        .push_bind(*account)
+                        .push_bind(*sequence as i64);
+                });
+                q.push(" ON CONFLICT (projection, account_id) DO UPDATE SET sequence = excluded.sequence");
+                q.build().execute(&mut **t).await?;
             }
         }
     }

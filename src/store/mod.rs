@@ -74,7 +74,7 @@ pub struct Store {
 }
 
 /// How many events a replay reads per query.
-pub const REPLAY_PAGE: i64 = 5_000;
+pub const REPLAY_PAGE: i64 = 10_000;
 
 /// Runs `$body` with `$pool` bound to the pool of whichever database `$store` is on: one
 /// body, compiled once per database, for the SQL both dialects share.
@@ -324,35 +324,56 @@ impl Store {
     }
 
     /// Keeps `bytes` as the newest snapshot of the verification index, holding the
-    /// sequences of `events` events (older snapshots are dropped).
+    /// sequences of `events` events (older snapshots are dropped). On PostgreSQL it goes
+    /// over a connection of its own, closed afterwards: a pooled connection would keep a
+    /// buffer the size of the snapshot for as long as it lives.
     pub async fn save_index_snapshot(&self, bytes: &[u8], events: u64) -> Result<(), StoreError> {
         let taken_ms = chrono::Utc::now().timestamp_millis();
-        with_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
-            sqlx::query("DELETE FROM index_snapshots")
+        let events = events.min(i64::MAX as u64) as i64;
+        macro_rules! save {
+            ($c:expr) => {{
+                let mut tx = sqlx::Acquire::begin($c).await?;
+                sqlx::query("DELETE FROM index_snapshots").execute(&mut *tx).await?;
+                sqlx::query(
+                    "INSERT INTO index_snapshots (taken_ms, events, snapshot) VALUES ($1, $2, $3)",
+                )
+                .bind(taken_ms)
+                .bind(events)
+                .bind(bytes)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "INSERT INTO index_snapshots (taken_ms, events, snapshot) VALUES ($1, $2, $3)",
-            )
-            .bind(taken_ms)
-            .bind(events.min(i64::MAX as u64) as i64)
-            .bind(bytes)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        });
+                tx.commit().await?;
+            }};
+        }
+        match &self.backend {
+            Backend::Postgres { pool, .. } => {
+                let mut c = pool.acquire().await?.detach();
+                save!(&mut c);
+                let _ = sqlx::Connection::close(c).await;
+            }
+            Backend::Sqlite { pool, .. } => save!(pool),
+        }
         Ok(())
     }
 
-    /// The newest snapshot of the verification index, if any.
+    /// The newest snapshot of the verification index, if any (on PostgreSQL over a
+    /// connection of its own, as for saving).
     pub async fn load_index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        with_pool!(self, |pool| {
-            Ok(sqlx::query_scalar::<_, Vec<u8>>(
-                "SELECT snapshot FROM index_snapshots ORDER BY taken_ms DESC LIMIT 1",
-            )
-            .fetch_optional(pool)
-            .await?)
+        let sql = "SELECT snapshot FROM index_snapshots ORDER BY taken_ms DESC LIMIT 1";
+        Ok(match &self.backend {
+            Backend::Postgres { pool, .. } => {
+                let mut c = pool.acquire().await?.detach();
+                let bytes = sqlx::query_scalar::<_, Vec<u8>>(sql)
+                    .fetch_optional(&mut c)
+                    .await?;
+                let _ = sqlx::Connection::close(c).await;
+                bytes
+            }
+            Backend::Sqlite { pool, .. } => {
+                sqlx::query_scalar::<_, Vec<u8>>(sql)
+                    .fetch_optional(pool)
+                    .await?
+            }
         })
     }
 

@@ -512,7 +512,8 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_listing_as_a_fresh_rep
         .expect("store");
     let hasher = keyledger::domain::KeyHasher::new(crate::common::PEPPER.as_bytes());
     let read_side = keyledger::read_side::ReadSide::new(hasher, None);
-    read_side.start(&store).await.expect("starts");
+    let heads = store.account_heads().await.expect("heads");
+    read_side.start(&store, &heads).await.expect("starts");
     assert_eq!(read_side.index_stats().keys, 304, "300 + a, b, c + b2");
     let now = chrono::Utc::now();
     assert_eq!(

@@ -89,6 +89,9 @@ enum BenchWhat {
         /// The keyledger binary (default: `keyledger` next to this one).
         #[arg(long)]
         keyledger: Option<PathBuf>,
+        /// Only these modes (postgres, bus, embedded; repeatable). All by default.
+        #[arg(long = "mode")]
+        modes: Vec<String>,
     },
 }
 
@@ -204,6 +207,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             kafka_brokers,
             keys,
             keyledger,
+            modes,
         } => {
             let binary = match keyledger {
                 Some(path) => path,
@@ -219,6 +223,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
                 kafka_brokers,
                 keys,
                 binary,
+                modes,
             })
             .await
             .map(|_| ())

@@ -27,6 +27,8 @@ pub struct RestartSettings {
     pub keys: usize,
     /// The `keyledger` binary to start.
     pub binary: PathBuf,
+    /// Which modes to measure: `postgres`, `bus`, `embedded` (all when empty).
+    pub modes: Vec<String>,
 }
 
 /// One start of the service.
@@ -83,7 +85,10 @@ async fn start(
         .env("KEYLEDGER_PEPPER", PEPPER)
         .env("KEYLEDGER_API_TOKEN", TOKEN)
         .env("KEYLEDGER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
@@ -196,17 +201,20 @@ async fn seed(store: &Store, keys: usize) -> anyhow::Result<()> {
                 let keyledger::store::Tx::Lite(t) = &mut tx else {
                     bail!("expected SQLite");
                 };
-                for (account, sequence, payload) in rows {
-                    sqlx::query(
-                        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                         VALUES ('Keyring', $1, $2, 'KeyGenerated', $3, $4, '{\"issued_by\":\"bench\"}')",
-                    )
-                    .bind(account)
-                    .bind(sequence)
-                    .bind(keyledger_events::EVENT_VERSION)
-                    .bind(payload)
-                    .execute(&mut **t)
-                    .await?;
+                for chunk in rows.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ",
+                    );
+                    q.push_values(chunk, |mut b, (account, sequence, payload)| {
+                        b.push("'Keyring'")
+                            .push_bind(account.clone())
+                            .push_bind(*sequence)
+                            .push("'KeyGenerated'")
+                            .push_bind(keyledger_events::EVENT_VERSION)
+                            .push_bind(payload.clone())
+                            .push("'{\"issued_by\":\"bench\"}'");
+                    });
+                    q.build().execute(&mut **t).await?;
                 }
                 tx.commit().await?;
             }
@@ -254,10 +262,13 @@ pub async fn run(s: RestartSettings) -> anyhow::Result<Vec<Start>> {
         .connect(&s.database_url)
         .await
         .context("cannot connect to PostgreSQL")?;
+    let wanted = |m: &str| s.modes.is_empty() || s.modes.iter().any(|x| x == m);
     let store = Store::from_postgres(admin.clone());
     store.migrate().await?;
-    starts.extend(mode(&s, Mode::Postgres(&s.database_url), "PostgreSQL", &store).await?);
-    if let Some(brokers) = &s.kafka_brokers {
+    if wanted("postgres") {
+        starts.extend(mode(&s, Mode::Postgres(&s.database_url), "PostgreSQL", &store).await?);
+    }
+    if let Some(brokers) = s.kafka_brokers.as_ref().filter(|_| wanted("bus")) {
         let name = format!("kl_bench_restart_bus_{}", std::process::id());
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
             .execute(&admin)
@@ -287,13 +298,16 @@ pub async fn run(s: RestartSettings) -> anyhow::Result<Vec<Start>> {
             .await
             .ok();
     }
-    let dir = std::env::temp_dir().join(format!("keyledger-bench-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let embedded = Store::open_sqlite(&dir.join("keyledger.db")).await?;
-    embedded.migrate().await?;
-    starts.extend(mode(&s, Mode::Embedded(&dir), "embedded (SQLite)", &embedded).await?);
-    drop(embedded);
-    let _ = std::fs::remove_dir_all(&dir);
+    if wanted("embedded") {
+        let dir = std::env::temp_dir()
+            .join(format!("keyledger-bench-restart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let embedded = Store::open_sqlite(&dir.join("keyledger.db")).await?;
+        embedded.migrate().await?;
+        starts.extend(mode(&s, Mode::Embedded(&dir), "embedded (SQLite)", &embedded).await?);
+        drop(embedded);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     println!(
         "| start of `keyledger serve` with {} keys | to ready | resident | growth per key |",
