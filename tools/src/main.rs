@@ -74,6 +74,9 @@ enum BenchWhat {
         /// Seconds measured per phase (after a one-second warm-up).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Where the load comes from.
+        #[arg(long, value_enum, default_value = "wrk")]
+        generator: bench::http::Generator,
     },
     /// Start-to-ready time and memory of `keyledger serve` with a large store, in every
     /// mode: fills an empty store with synthetic keys and starts the service on it.
@@ -193,8 +196,10 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             keys,
             connections,
             seconds,
+            generator,
         } => bench::http::run(bench::http::HttpSettings {
             url: server.trim_end_matches('/').to_owned(),
+            generator,
             token,
             keys: keys.max(1),
             connections: connections.max(1),

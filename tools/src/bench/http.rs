@@ -1,14 +1,15 @@
-//! `keyledger bench http`: verification over HTTP, next to a bare endpoint of the same
-//! server.
+//! `keyledger-tools bench http`: verification over HTTP, next to a bare endpoint of the
+//! same server.
 //!
-//! A closed-loop load generator (no wrk on this machine, so it lives here): `connections`
-//! tasks each send one request, wait for the answer, send the next, for `seconds` after a
-//! one-second warm-up. It first drives `GET /livez` (a handler that does nothing: the
-//! ceiling of this server, this client and this machine), then `POST /v1/verify` with keys it
-//! generated itself, cycling through them, then verify again with a `from` address. The
-//! ratio verify / bare is the figure to read: what verification costs on top of HTTP.
+//! It generates keys through the API, then drives `GET /livez` (a handler that does
+//! nothing: the ceiling of this server, this client and this machine), `POST /v1/verify`
+//! with one key (a busy sender), with the generated keys in turn, and with a `from`
+//! address. The ratio verify / bare is the figure to read: what verification costs on top
+//! of HTTP. The load comes from `wrk` (`--generator wrk`: an external generator, so this
+//! tool's own cost cannot hide a gap; the keys reach it in its environment, never on disk)
+//! or from a closed-loop generator in this process (`--generator builtin`).
 //!
-//! The generated keys live in this process's memory only and are never printed.
+//! The generated keys live in memory only and are never printed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +19,19 @@ use serde_json::{json, Value};
 
 use super::percentile;
 
+/// Where the load comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Generator {
+    /// `wrk` (Debian package), 2 threads.
+    Wrk,
+    /// A closed-loop generator in this process.
+    Builtin,
+}
+
 pub struct HttpSettings {
     /// The running keyledger, e.g. `http://127.0.0.1:8080`.
     pub url: String,
+    pub generator: Generator,
     pub token: String,
     /// Keys to generate and verify (spread over accounts of 20 keys).
     pub keys: usize,
@@ -39,6 +50,8 @@ pub struct Phase {
 
 enum Target {
     Bare,
+    /// The same key every time.
+    One,
     Verify { from: bool },
 }
 
@@ -107,10 +120,15 @@ async fn drive(
                 }
                 let response = match &*target {
                     Target::Bare => client.get(&bare).send().await?,
-                    Target::Verify { from } => {
-                        let key = &keys[i % keys.len()];
+                    Target::One | Target::Verify { .. } => {
+                        let from = matches!(&*target, Target::Verify { from: true });
+                        let key = if matches!(&*target, Target::One) {
+                            &keys[0]
+                        } else {
+                            &keys[i % keys.len()]
+                        };
                         i += 7;
-                        let body = if *from {
+                        let body = if from {
                             json!({"api_key": key, "from": "bench@agency.gov.sg"})
                         } else {
                             json!({"api_key": key})
@@ -160,21 +178,29 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
     let mut phases = Vec::new();
     for (target, name) in [
         (Target::Bare, "GET /livez (bare endpoint)"),
+        (Target::One, "POST /v1/verify (one valid key)"),
         (
             Target::Verify { from: false },
-            "POST /v1/verify (valid key)",
+            "POST /v1/verify (valid keys in turn)",
         ),
         (
             Target::Verify { from: true },
-            "POST /v1/verify (valid key + from address)",
+            "POST /v1/verify (valid keys + from address)",
         ),
     ] {
         eprintln!("{name}: {} connections for {} s…", s.connections, s.seconds);
-        phases.push(drive(&client, &s, &keys, target, name).await?);
+        phases.push(match s.generator {
+            Generator::Builtin => drive(&client, &s, &keys, target, name).await?,
+            Generator::Wrk => wrk(&s, &keys, target, name).await?,
+        });
     }
     let bare = phases[0].rate;
     println!(
-        "| HTTP, {} connections, {} s each, {} keys | requests/s | × bare | p50 | p99 |",
+        "| HTTP ({}), {} connections, {} s each, {} keys | requests/s | × bare | p50 | p99 |",
+        match s.generator {
+            Generator::Wrk => "wrk, 2 threads",
+            Generator::Builtin => "built-in closed loop",
+        },
         s.connections,
         s.seconds,
         keys.len()
@@ -193,4 +219,80 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
     let total: usize = phases.iter().map(|p| p.requests).sum();
     eprintln!("{total} requests measured");
     Ok(phases)
+}
+
+/// The verify script wrk runs (`scripts/wrk/verify.lua`).
+const WRK_SCRIPT: &str = include_str!("../../../scripts/wrk/verify.lua");
+
+/// One phase under wrk: its requests per second and latency percentiles, read from wrk's
+/// report.
+async fn wrk(
+    s: &HttpSettings,
+    keys: &[String],
+    target: Target,
+    name: &'static str,
+) -> anyhow::Result<Phase> {
+    let script = std::env::temp_dir().join(format!("keyledger-wrk-{}.lua", std::process::id()));
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{}", s.connections)])
+        .arg(format!("-d{}s", s.seconds))
+        .arg("--latency")
+        .env("WRK_TOKEN", &s.token)
+        .kill_on_drop(true);
+    match target {
+        Target::Bare => {
+            cmd.arg(format!("{}/livez", s.url));
+        }
+        Target::One => {
+            cmd.env("WRK_KEYS", &keys[0]);
+        }
+        Target::Verify { from } => {
+            cmd.env("WRK_KEYS", keys.join("\n"));
+            if from {
+                cmd.env("WRK_FROM", "bench@agency.gov.sg");
+            }
+        }
+    }
+    if !matches!(target, Target::Bare) {
+        cmd.arg("-s").arg(&script).arg(&s.url);
+    }
+    let out = cmd
+        .output()
+        .await
+        .context("cannot run wrk (Debian: apt-get install wrk)")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk failed or got errors:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let number = |prefix: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.trim_start().starts_with(prefix))?;
+        line.split_whitespace().nth(1).map(str::to_owned)
+            .and_then(|v| parse_wrk_value(&v))
+    };
+    let rate = number("Requests/sec:").context("no Requests/sec in wrk's report")?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(Phase {
+        name,
+        requests,
+        rate,
+        p50_ms: number("50%").unwrap_or(f64::NAN),
+        p99_ms: number("99%").unwrap_or(f64::NAN),
+    })
+}
+
+/// A wrk figure: `81234.56`, or a latency such as `612.00us`, `1.23ms`, `2.00s` (in ms).
+fn parse_wrk_value(v: &str) -> Option<f64> {
+    for (suffix, factor) in [("us", 0.001), ("ms", 1.0), ("s", 1000.0)] {
+        if let Some(n) = v.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|x| x * factor);
+        }
+    }
+    v.parse().ok()
 }
