@@ -6,6 +6,12 @@
 //! commits, and feeds the read side before answering (read-your-writes). Commands on one
 //! account are serialised in this process; across processes, cqrs-es's optimistic
 //! concurrency decides and a conflict is retried a bounded number of times.
+//!
+//! The keyring an account's last command left behind is kept in memory (a bounded cache),
+//! so the next command on that account reads only what other instances appended since
+//! (usually nothing) instead of its whole history. Should another instance still commit in
+//! between, the commit conflicts on the sequence and the command is decided again on the
+//! account read afresh: the cache can make a command retry, never decide on stale state.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -14,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::EventStoreAggregateContext;
 use cqrs_es::{Aggregate, AggregateError};
 use keyledger_events::{Command, KeyringEvent};
 use rand::Rng;
@@ -31,6 +38,11 @@ use keyledger_events::chain;
 /// Attempts per command when another writer commits to the same account first.
 pub const MAX_ATTEMPTS: usize = 8;
 const LOCK_STRIPES: usize = 1024;
+/// Keyrings kept in memory between commands.
+const CACHED_KEYRINGS: usize = 4096;
+
+/// A keyring ready for the next command, with its stream's chain head.
+type Loaded = (EventStoreAggregateContext<Keyring>, [u8; 32]);
 
 /// A command to execute.
 #[derive(Debug, Clone)]
@@ -80,6 +92,7 @@ pub struct CommandHandler {
     hasher: KeyHasher,
     read_side: Arc<ReadSide>,
     locks: Vec<Mutex<()>>,
+    cache: std::sync::Mutex<HashMap<String, Loaded>>,
     /// Names the account of every commit, for the projections that follow the store.
     commits: tokio::sync::broadcast::Sender<String>,
 }
@@ -97,6 +110,7 @@ impl CommandHandler {
             hasher,
             read_side,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            cache: std::sync::Mutex::new(HashMap::new()),
             commits: tokio::sync::broadcast::channel(4096).0,
         }
     }
@@ -134,18 +148,61 @@ impl CommandHandler {
         result
     }
 
+    /// The account's keyring: from the cache (taken out: it goes back only after a
+    /// successful command) with what was appended since, else from the store.
+    async fn load(&self, account: &str) -> Result<Loaded, HandleError> {
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(account);
+        let Some((mut context, mut head)) = cached else {
+            return self
+                .store
+                .load_with_chain(account)
+                .await
+                .map_err(unavailable);
+        };
+        let newer = self
+            .store
+            .events_after(account, context.current_sequence as u64)
+            .await
+            .map_err(|e| HandleError::Unavailable(e.to_string()))?;
+        for r in newer {
+            head = r
+                .chain
+                .as_deref()
+                .and_then(chain::from_hex)
+                .unwrap_or_else(|| chain::next(&head, account, r.sequence, &r.event));
+            context
+                .aggregate
+                .apply(crate::keyring::StoredEvent(r.event));
+            context.current_sequence = r.sequence as usize;
+        }
+        Ok((context, head))
+    }
+
+    /// Keeps an account's keyring for its next command.
+    fn keep(&self, account: &str, loaded: Loaded) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHED_KEYRINGS {
+            if let Some(evicted) = cache.keys().next().cloned() {
+                cache.remove(&evicted);
+            }
+        }
+        cache.insert(account.to_owned(), loaded);
+    }
+
     async fn execute_once(&self, request: Request) -> Result<Outcome, HandleError> {
         let _serialised = self.lock_for(&request.account_id).lock().await;
         let account = request.account_id.as_str();
         for attempt in 0..MAX_ATTEMPTS {
-            let (mut context, head) = self
-                .store
-                .load_with_chain(account)
-                .await
-                .map_err(unavailable)?;
+            let (mut context, head) = self.load(account).await?;
             let keyring = &mut context.aggregate;
             if let Some(prior) = keyring.prior_outcome(request.command_id) {
-                return Ok(duplicate(keyring, prior.sequences.clone(), prior.key_id));
+                let outcome = duplicate(keyring, prior.sequences.clone(), prior.key_id);
+                self.keep(account, (context, head));
+                return Ok(outcome);
             }
             let (material, api_key) = self.mint_for(keyring, &request.command);
             let command = KeyringCommand {
@@ -158,6 +215,7 @@ impl CommandHandler {
             let events: Vec<_> = sink.collect().await;
             let (key, rotated) = affected(keyring, &events);
             if events.is_empty() {
+                self.keep(account, (context, head));
                 return Ok(Outcome {
                     status: Status::Accepted,
                     sequences: vec![],
@@ -188,8 +246,16 @@ impl CommandHandler {
                 ),
             ]);
             metadata.extend(chain::metadata(first_sequence, &chains));
+            // The state after these events, kept if the commit succeeds.
+            let after = EventStoreAggregateContext {
+                aggregate_id: context.aggregate_id.clone(),
+                aggregate: context.aggregate.clone(),
+                current_sequence: context.current_sequence + events.len(),
+                current_snapshot: None,
+            };
             match self.store.commit(events, context, metadata).await {
                 Ok(committed) => {
+                    self.keep(account, (after, value));
                     let records: Vec<StoredRecord> = committed
                         .into_iter()
                         .zip(&chains)

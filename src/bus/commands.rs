@@ -3,7 +3,7 @@
 //!
 //! At-least-once, made exactly-once in effect by the command ids: a message is handled,
 //! its result (or dead letter) is acknowledged by the broker, and only then is its offset
-//! recorded in PostgreSQL. After a crash the message is handled again; the aggregate
+//! recorded in PostgreSQL (at most every 250 ms per partition). After a crash the message is handled again; the aggregate
 //! recognises the command id and the second result says `duplicate`. Several instances share
 //! the work as one consumer group ([`super::group`]: each partition resumes at the offset
 //! stored in PostgreSQL).
@@ -37,8 +37,12 @@ const IDLE: Duration = Duration::from_secs(3);
 
 /// Records queued per partition worker.
 const WORKER_QUEUE: usize = 256;
-/// Most records a partition worker answers and commits together.
+/// Most records a partition worker answers together.
 const WORKER_BATCH: usize = 100;
+/// How often a worker records the offset of what it answered: a crash repeats at most
+/// this much work (the repeated commands answer `duplicate`), and a steady load costs one
+/// offset commit per period instead of one per batch.
+const RECORD_EVERY: Duration = Duration::from_millis(250);
 
 /// How much of an oversized value a dead letter keeps.
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
@@ -139,7 +143,25 @@ impl CommandConsumer {
     /// harmless.
     async fn work(self: Arc<Self>, mut queue: mpsc::Receiver<OwnedMessage>) {
         let topic = self.bus.commands_topic();
-        while let Some(first) = queue.recv().await {
+        // The next offset of what was answered but not yet recorded, and when it last was.
+        let mut pending: Option<(i32, i64)> = None;
+        let mut recorded_at = std::time::Instant::now();
+        loop {
+            let next = match pending {
+                Some(_) => match tokio::time::timeout(RECORD_EVERY, queue.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        self.record(&topic, &mut pending, &mut recorded_at).await;
+                        continue;
+                    }
+                },
+                None => queue.recv().await,
+            };
+            let Some(first) = next else {
+                // The queue closed (a rebalance, a stop): record what was answered.
+                self.record(&topic, &mut pending, &mut recorded_at).await;
+                return;
+            };
             let mut batch = vec![first];
             while batch.len() < WORKER_BATCH {
                 match queue.try_recv() {
@@ -192,23 +214,36 @@ impl CommandConsumer {
                     })
                     .collect();
                 if unpublished.is_empty() {
-                    let last = &batch[batch.len() - 1];
-                    match offsets::save(
-                        &self.pool,
-                        &self.bus.commands_group,
-                        &topic,
-                        last.partition(),
-                        last.offset() + 1,
-                    )
-                    .await
-                    {
-                        Ok(()) => break,
-                        Err(e) => tracing::warn!(error = %e, "offset not recorded yet; retrying"),
-                    }
+                    break;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            let last = &batch[batch.len() - 1];
+            pending = Some((last.partition(), last.offset() + 1));
+            if recorded_at.elapsed() >= RECORD_EVERY {
+                self.record(&topic, &mut pending, &mut recorded_at).await;
+            }
+        }
+    }
+
+    /// Records the offset of what was answered (kept pending on a database error: the
+    /// next round tries again, and a crash meanwhile only repeats answered commands).
+    async fn record(
+        &self,
+        topic: &str,
+        pending: &mut Option<(i32, i64)>,
+        recorded_at: &mut std::time::Instant,
+    ) {
+        let Some((partition, next)) = *pending else {
+            return;
+        };
+        match offsets::save(&self.pool, &self.bus.commands_group, topic, partition, next).await {
+            Ok(()) => {
+                *pending = None;
+                *recorded_at = std::time::Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "offset not recorded yet; retrying"),
         }
     }
 

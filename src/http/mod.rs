@@ -10,9 +10,9 @@ mod verify;
 
 use std::sync::Arc;
 
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::http::Method;
 use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use serde_json::json;
@@ -107,7 +107,12 @@ pub fn routes() -> Vec<Route> {
             Token,
         ),
         route(Method::POST, "/v1/verify", post(verify::verify), Token),
-        route(Method::GET, "/v1/reminders", get(reminders::upcoming), Token),
+        route(
+            Method::GET,
+            "/v1/reminders",
+            get(reminders::upcoming),
+            Token,
+        ),
         route(Method::GET, "/openapi.yaml", get(openapi), Token),
     ]
 }
@@ -123,7 +128,9 @@ fn router(state: AppState, routes: Vec<Route>) -> Router {
     }
     by_path
         .into_iter()
-        .fold(Router::new(), |router, (path, handlers)| router.route(path, handlers))
+        .fold(Router::new(), |router, (path, handlers)| {
+            router.route(path, handlers)
+        })
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -128,8 +128,10 @@ pub async fn catch_up_all(
                 .into_iter()
                 .filter_map(|(account, records)| {
                     let lowest = lowest(&account);
-                    let rest: Vec<StoredRecord> =
-                        records.into_iter().filter(|r| r.sequence > lowest).collect();
+                    let rest: Vec<StoredRecord> = records
+                        .into_iter()
+                        .filter(|r| r.sequence > lowest)
+                        .collect();
                     (!rest.is_empty()).then_some((account, rest))
                 })
                 .collect();

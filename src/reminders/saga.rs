@@ -63,24 +63,53 @@ impl Projection for Saga {
         SAGA
     }
 
-    /// Each event changes the schedule of the key it names.
+    /// Each event changes the schedule of the key it names: the batch's keys are read at
+    /// once, folded in memory in order, and what changed written at once.
     async fn apply(
         &self,
         tx: &mut Tx,
         batch: &[(&str, &[StoredRecord])],
     ) -> Result<(), StoreError> {
+        let mut keys: Vec<Uuid> = batch
+            .iter()
+            .flat_map(|(_, records)| records.iter().map(|r| scheduled_key(&r.event)))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let found = store::get_many(tx, &keys).await?;
+        let mut now: HashMap<Uuid, Option<KeySchedule>> =
+            keys.iter().map(|k| (*k, found.get(k).cloned())).collect();
+        let mut changed: Vec<Uuid> = Vec::new();
         for (account, records) in batch {
             for record in *records {
                 let key_id = scheduled_key(&record.event);
-                let current = store::get(tx, key_id).await?;
-                match change(account, current.as_ref(), &record.event, &self.stages) {
-                    Change::Put(s) => store::put(tx, &s).await?,
-                    Change::Remove(k) => store::remove(tx, k).await?,
+                let current = now.get(&key_id).and_then(Option::as_ref);
+                match change(account, current, &record.event, &self.stages) {
+                    Change::Put(s) => {
+                        changed.push(s.key_id);
+                        now.insert(s.key_id, Some(s));
+                    }
+                    Change::Remove(k) => {
+                        now.insert(k, None);
+                        changed.push(k);
+                    }
                     Change::None => {}
                 }
             }
         }
-        Ok(())
+        changed.sort();
+        changed.dedup();
+        let puts: Vec<&KeySchedule> = changed
+            .iter()
+            .filter_map(|k| now.get(k).and_then(Option::as_ref))
+            .collect();
+        let removes: Vec<Uuid> = changed
+            .iter()
+            .filter(|k| now.get(k).is_some_and(Option::is_none))
+            .copied()
+            .collect();
+        store::remove_many(tx, &removes).await?;
+        store::put_many(tx, &puts).await
     }
 }
 

@@ -2,6 +2,8 @@
 //! ahead (the schedule as JSON, `next_due_ms` indexed for "what is due now"). The SQL is
 //! the same on PostgreSQL and SQLite; times are Unix milliseconds.
 
+use std::collections::HashMap;
+
 use uuid::Uuid;
 
 use super::schedule::KeySchedule;
@@ -15,48 +17,81 @@ fn schedule_of(json: &str) -> Result<KeySchedule, StoreError> {
     })
 }
 
-/// The schedule of `key_id`, if it has one.
-pub async fn get(tx: &mut Tx, key_id: Uuid) -> Result<Option<KeySchedule>, StoreError> {
-    let json: Option<String> = with_tx!(tx, |c| {
-        sqlx::query_scalar("SELECT schedule FROM reminder_schedule WHERE key_id = $1")
-            .bind(key_id.to_string())
-            .fetch_optional(c)
-            .await?
-    });
-    json.as_deref().map(schedule_of).transpose()
+/// The schedules of `key_ids` that exist (one query, however many keys).
+pub async fn get_many(
+    tx: &mut Tx,
+    key_ids: &[Uuid],
+) -> Result<HashMap<Uuid, KeySchedule>, StoreError> {
+    let mut found = HashMap::new();
+    for chunk in key_ids.chunks(500) {
+        let rows: Vec<String> = with_tx!(tx, |c| {
+            let mut q =
+                sqlx::QueryBuilder::new("SELECT schedule FROM reminder_schedule WHERE key_id IN (");
+            let mut list = q.separated(", ");
+            for k in chunk {
+                list.push_bind(k.to_string());
+            }
+            q.push(")");
+            q.build_query_scalar().fetch_all(c).await?
+        });
+        for json in rows {
+            let s = schedule_of(&json)?;
+            found.insert(s.key_id, s);
+        }
+    }
+    Ok(found)
 }
 
-/// Writes a key's schedule.
-pub async fn put(tx: &mut Tx, s: &KeySchedule) -> Result<(), StoreError> {
-    let json = serde_json::to_string(s).map_err(|e| StoreError::Corrupt {
-        account_id: s.account_id.clone(),
-        sequence: 0,
-        reason: e.to_string(),
-    })?;
-    with_tx!(tx, |c| {
-        sqlx::query(
-            "INSERT INTO reminder_schedule (key_id, account_id, next_due_ms, schedule) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO UPDATE \
-             SET next_due_ms = excluded.next_due_ms, schedule = excluded.schedule",
-        )
-        .bind(s.key_id.to_string())
-        .bind(&s.account_id)
-        .bind(s.next_due().timestamp_millis())
-        .bind(&json)
-        .execute(c)
-        .await?;
-    });
+/// Writes these schedules (one statement per few hundred).
+pub async fn put_many(tx: &mut Tx, schedules: &[&KeySchedule]) -> Result<(), StoreError> {
+    let mut rows = Vec::with_capacity(schedules.len());
+    for s in schedules {
+        let json = serde_json::to_string(s).map_err(|e| StoreError::Corrupt {
+            account_id: s.account_id.clone(),
+            sequence: 0,
+            reason: e.to_string(),
+        })?;
+        rows.push((
+            s.key_id.to_string(),
+            s.account_id.clone(),
+            s.next_due().timestamp_millis(),
+            json,
+        ));
+    }
+    for chunk in rows.chunks(500) {
+        with_tx!(tx, |c| {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO reminder_schedule (key_id, account_id, next_due_ms, schedule) ",
+            );
+            q.push_values(chunk, |mut b, (key, account, due, json)| {
+                b.push_bind(key.clone())
+                    .push_bind(account.clone())
+                    .push_bind(*due)
+                    .push_bind(json.clone());
+            });
+            q.push(
+                " ON CONFLICT (key_id) DO UPDATE \
+                 SET next_due_ms = excluded.next_due_ms, schedule = excluded.schedule",
+            );
+            q.build().execute(c).await?;
+        });
+    }
     Ok(())
 }
 
-/// Deletes a key's schedule (revoked, expired).
-pub async fn remove(tx: &mut Tx, key_id: Uuid) -> Result<(), StoreError> {
-    with_tx!(tx, |c| {
-        sqlx::query("DELETE FROM reminder_schedule WHERE key_id = $1")
-            .bind(key_id.to_string())
-            .execute(c)
-            .await?;
-    });
+/// Deletes these keys' schedules (revoked, expired).
+pub async fn remove_many(tx: &mut Tx, key_ids: &[Uuid]) -> Result<(), StoreError> {
+    for chunk in key_ids.chunks(500) {
+        with_tx!(tx, |c| {
+            let mut q = sqlx::QueryBuilder::new("DELETE FROM reminder_schedule WHERE key_id IN (");
+            let mut list = q.separated(", ");
+            for k in chunk {
+                list.push_bind(k.to_string());
+            }
+            q.push(")");
+            q.build().execute(c).await?;
+        });
+    }
     Ok(())
 }
 

@@ -49,7 +49,11 @@ pub async fn lock(
                     list.push_bind(*account);
                 }
                 q.push(")");
-                rows.extend(q.build_query_as::<(String, i64)>().fetch_all(&mut **t).await?);
+                rows.extend(
+                    q.build_query_as::<(String, i64)>()
+                        .fetch_all(&mut **t)
+                        .await?,
+                );
             }
             rows
         }

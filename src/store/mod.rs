@@ -333,7 +333,9 @@ impl Store {
         macro_rules! save {
             ($c:expr) => {{
                 let mut tx = sqlx::Acquire::begin($c).await?;
-                sqlx::query("DELETE FROM index_snapshots").execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM index_snapshots")
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query(
                     "INSERT INTO index_snapshots (taken_ms, events, snapshot) VALUES ($1, $2, $3)",
                 )

@@ -52,7 +52,9 @@ enum Target {
     Bare,
     /// The same key every time.
     One,
-    Verify { from: bool },
+    Verify {
+        from: bool,
+    },
 }
 
 async fn generate_keys(client: &reqwest::Client, s: &HttpSettings) -> anyhow::Result<Vec<String>> {
@@ -264,11 +266,16 @@ async fn wrk(
     let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || text.contains("Non-2xx") {
-        bail!("wrk failed or got errors:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "wrk failed or got errors:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let number = |prefix: &str| -> Option<f64> {
         let line = text.lines().find(|l| l.trim_start().starts_with(prefix))?;
-        line.split_whitespace().nth(1).map(str::to_owned)
+        line.split_whitespace()
+            .nth(1)
+            .map(str::to_owned)
             .and_then(|v| parse_wrk_value(&v))
     };
     let rate = number("Requests/sec:").context("no Requests/sec in wrk's report")?;

@@ -299,8 +299,8 @@ pub async fn run(s: RestartSettings) -> anyhow::Result<Vec<Start>> {
             .ok();
     }
     if wanted("embedded") {
-        let dir = std::env::temp_dir()
-            .join(format!("keyledger-bench-restart-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("keyledger-bench-restart-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let embedded = Store::open_sqlite(&dir.join("keyledger.db")).await?;
         embedded.migrate().await?;
