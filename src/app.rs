@@ -16,7 +16,7 @@ use crate::bus::commands::CommandConsumer;
 use crate::bus::follower::Follower;
 use crate::bus::relay::Relay;
 use crate::config::{DataFiles, Settings, Storage};
-use crate::domain::KeyHasher;
+use crate::domain::{KeyHasher, LogSigner};
 use crate::handler::CommandHandler;
 use crate::http::{AppState, Services};
 use crate::kafka::halt::Halts;
@@ -24,15 +24,18 @@ use crate::kafka::publisher::Publisher;
 use crate::kafka::BusConfig;
 use crate::keyring::KeyringServices;
 use crate::notify::dispatch::{Notifier, NOTIFIER};
-use crate::projection::{from_store, from_topic, Projection};
+use crate::projection::from_topic::{self, Vouch};
+use crate::projection::{from_store, Projection};
 use crate::read_side::listing::ListingTable;
 use crate::read_side::ReadSide;
 use crate::reminders::saga::{Firing, Saga, SAGA};
 use crate::store::Store;
+use crate::tokens::Tokens;
 
 /// A built service: bound to its port (when it serves HTTP), background parts running.
 pub struct Application {
     listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     service: crate::http::Gate,
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -68,6 +71,7 @@ enum Source {
         bus: BusConfig,
         pool: sqlx::PgPool,
         halts: Halts,
+        vouch: Vouch,
     },
     Store,
 }
@@ -75,6 +79,13 @@ enum Source {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Arc::new(open_store(&settings).await?);
+        refuse_new_secrets_for_an_old_store(&settings, &store).await?;
+        let signer = LogSigner::from_base64(settings.signing_key.expose())
+            .context("KEYLEDGER_SIGNING_KEY")?;
+        let tokens = Tokens::new(
+            settings.api_token.as_ref().map(|t| t.expose()),
+            settings.tokens_file.clone(),
+        )?;
         let hasher = KeyHasher::new(settings.pepper.expose().as_bytes());
         let read_side = Arc::new(
             ReadSide::new(hasher.clone(), settings.default_from.clone())
@@ -94,6 +105,7 @@ impl Application {
                     bus: bus.clone(),
                     pool: pool.clone(),
                     halts: halts.clone(),
+                    vouch: Vouch::new(bus, signer.public_key())?,
                 }
             }
             _ => {
@@ -145,9 +157,20 @@ impl Application {
                 "verification index ready"
             );
             match (&source, follow_from, listener) {
-                (Source::Topic { bus, halts, .. }, Some(from), _) => {
-                    let follower =
-                        Follower::new(bus.clone(), read_side.clone(), from, halts.clone());
+                (
+                    Source::Topic {
+                        bus, halts, vouch, ..
+                    },
+                    Some(from),
+                    _,
+                ) => {
+                    let follower = Follower::new(
+                        bus.clone(),
+                        read_side.clone(),
+                        from,
+                        halts.clone(),
+                        vouch.clone(),
+                    );
                     tasks.push(tokio::spawn(follower.run(stopped.clone())));
                 }
                 (_, _, Some(listener)) => {
@@ -178,17 +201,25 @@ impl Application {
             store.clone(),
             services,
             hasher,
+            signer.clone(),
             read_side.clone(),
         ));
+        tasks.push(tokio::spawn(tokens.clone().watch(stopped.clone())));
         let feed = |projection: Arc<dyn Projection>, name: &str| -> JoinHandle<()> {
             match &source {
-                Source::Topic { bus, pool, halts } => tokio::spawn(from_topic::follow(
+                Source::Topic {
+                    bus,
+                    pool,
+                    halts,
+                    vouch,
+                } => tokio::spawn(from_topic::follow(
                     name.to_owned(),
                     vec![projection],
                     bus.clone(),
                     store.clone(),
                     pool.clone(),
                     halts.clone(),
+                    vouch.clone(),
                     stopped.clone(),
                 )),
                 Source::Store => tokio::spawn(from_store::follow(
@@ -205,7 +236,13 @@ impl Application {
                 crate::read_side::listing::LISTING,
             ));
         }
-        if let Source::Topic { bus, pool, halts } = &source {
+        if let Source::Topic {
+            bus,
+            pool,
+            halts,
+            vouch,
+        } = &source
+        {
             if roles.commands {
                 let consumer = CommandConsumer::new(
                     bus.clone(),
@@ -222,6 +259,7 @@ impl Application {
                     Publisher::new(bus, 5)?,
                     bus.events_topic(),
                     bus.relay_batch,
+                    signer.clone(),
                 );
                 tasks.push(tokio::spawn(relay.run(stopped.clone())));
             }
@@ -231,6 +269,7 @@ impl Application {
                     store.clone(),
                     pool.clone(),
                     halts.clone(),
+                    vouch.clone(),
                     stopped.clone(),
                 )));
             }
@@ -276,7 +315,9 @@ impl Application {
             read_side,
             store,
             clock: settings.clock.clone(),
-            token_hash: blake3::hash(settings.api_token.expose().as_bytes()),
+            tokens,
+            log_key: signer.public_key(),
+            legacy: crate::read_side::legacy::LegacyGate::new(settings.legacy_checks_per_second),
         });
         let listener = if roles.http {
             Some(
@@ -287,9 +328,17 @@ impl Application {
         } else {
             None
         };
+        let metrics_listener =
+            match &settings.metrics_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                    format!("cannot listen on {addr} (KEYLEDGER_METRICS_LISTEN)")
+                })?),
+                None => None,
+            };
         Ok(Self {
             listener,
-            service: crate::http::service(state.clone()),
+            metrics_listener,
+            service: crate::http::service(state.clone(), settings.metrics_listen.is_some()),
             tasks,
             stop,
             state,
@@ -313,6 +362,18 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (stop_metrics, metrics_stopped) = watch::channel(false);
+        let metrics = self.metrics_listener.map(|listener| {
+            let router = crate::http::metrics_service(self.state.clone());
+            let mut stopped = metrics_stopped.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.changed().await;
+                    })
+                    .await;
+            })
+        });
         let result = match self.listener {
             Some(listener) => {
                 axum::serve(listener, tower::make::Shared::new(self.service))
@@ -325,6 +386,10 @@ impl Application {
             }
         };
         let _ = self.stop.send(true);
+        let _ = stop_metrics.send(true);
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_secs(10), task)
@@ -336,6 +401,52 @@ impl Application {
         }
         result
     }
+}
+
+/// A pepper or signing key generated at this start (embedded mode) next to a store that
+/// already holds events means the old one was lost: every key would stop verifying, or the
+/// log's signatures change key. Refuse to start, and say so.
+async fn refuse_new_secrets_for_an_old_store(
+    settings: &Settings,
+    store: &Store,
+) -> anyhow::Result<()> {
+    if settings.generated.is_empty() || store.account_heads().await?.is_empty() {
+        return Ok(());
+    }
+    let Storage::Embedded { data_dir } = &settings.storage else {
+        return Ok(());
+    };
+    let files = DataFiles::in_dir(data_dir);
+    // The fresh files are removed so the next start does not take them for the old ones.
+    for (what, path) in [
+        ("pepper", &files.pepper),
+        ("signing key", &files.signing_key),
+    ] {
+        if settings.generated.contains(&what) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    anyhow::bail!(
+        "the store {} holds events but its {} {} missing: restore {} from your backup (or set \
+         KEYLEDGER_PEPPER / KEYLEDGER_SIGNING_KEY); a new one would make every existing key \
+         unknown or change the key that signs the log",
+        files.database.display(),
+        settings.generated.join(" and "),
+        if settings.generated.len() == 1 {
+            "is"
+        } else {
+            "are"
+        },
+        settings
+            .generated
+            .iter()
+            .map(|w| match *w {
+                "pepper" => files.pepper.display().to_string(),
+                _ => files.signing_key.display().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
+    )
 }
 
 /// The listing table without the bus: current before serving (a first start on an

@@ -64,6 +64,8 @@ pub struct AuditOptions {
     /// Calendar months a key may live (the configured validity).
     pub validity_months: u32,
     pub print_listing: bool,
+    /// The log's public key (`GET /v1/log-key`): signatures are checked when given.
+    pub public_key: Option<keyledger_events::signature::LogKey>,
 }
 
 #[derive(Default)]
@@ -84,6 +86,8 @@ struct AccountAudit {
     last: u64,
     chains: Vec<[u8; 32]>,
     keys: HashMap<Uuid, KeyAudit>,
+    /// The signature carried by the last event folded.
+    last_signature: Option<String>,
 }
 
 /// The fold.
@@ -138,6 +142,7 @@ impl Auditor {
                     d.sequence,
                     &d.event,
                     Some(&d.chain),
+                    d.signature.as_deref(),
                     Some(bytes),
                 )
             }
@@ -177,14 +182,16 @@ impl Auditor {
             && self.opts.until.is_none_or(|t| event.occurred_at() <= t)
     }
 
-    /// Folds one event; `carried` is the chain value the source holds for it, `raw` the
-    /// bytes it was read from (scanned for secrets; the event is serialised when absent).
+    /// Folds one event; `carried` is the chain value the source holds for it, `signature`
+    /// its signature, `raw` the bytes it was read from (scanned for secrets; the event is
+    /// serialised when absent).
     pub fn feed(
         &mut self,
         account: &str,
         sequence: u64,
         event: &KeyringEvent,
         carried: Option<&str>,
+        signature: Option<&str>,
         raw: Option<&[u8]>,
     ) {
         if !self.wants(account, event) {
@@ -226,6 +233,7 @@ impl Auditor {
         acc.chains.resize(sequence as usize - 1, previous);
         acc.chains.push(value);
         acc.last = sequence;
+        acc.last_signature = signature.map(str::to_owned);
         self.events += 1;
         if gap {
             self.find(
@@ -381,7 +389,43 @@ impl Auditor {
     }
 
     /// Finishes: the rebuilt listing and index digests.
-    fn finish(self, report: &mut AuditReport) -> (Vec<ListingRow>, Vec<String>) {
+    /// Checks, with the log's public key, the signature of each account's last event: its
+    /// chain value covers every event before it (each recomputed here), so one valid
+    /// signature vouches for the account's whole history. Batches of 256, one by one only
+    /// to name a failure.
+    fn check_signatures(&mut self) {
+        let Some(key) = self.opts.public_key else {
+            return;
+        };
+        let heads: Vec<(String, u64, [u8; 32], Option<String>)> = self
+            .accounts
+            .iter()
+            .filter_map(|(a, acc)| {
+                let chain = *acc.chains.last()?;
+                Some((a.clone(), acc.last, chain, acc.last_signature.clone()))
+            })
+            .collect();
+        for chunk in heads.chunks(256) {
+            let signed: Vec<([u8; 32], &str)> = chunk
+                .iter()
+                .filter_map(|(_, _, c, s)| s.as_deref().map(|s| (*c, s)))
+                .collect();
+            if signed.len() == chunk.len() && key.all_verify(&signed) {
+                continue;
+            }
+            for (account, sequence, chain, signature) in chunk {
+                let message = match signature {
+                    None => "the last event carries no signature",
+                    Some(s) if key.verifies(chain, s) => continue,
+                    Some(_) => "the signature does not verify under the log's key: this history was not written by keyledger, or was changed",
+                };
+                self.find("signature", account, Some(*sequence), message.into());
+            }
+        }
+    }
+
+    fn finish(mut self, report: &mut AuditReport) -> (Vec<ListingRow>, Vec<String>) {
+        self.check_signatures();
         report.events = self.events;
         report.accounts = self.accounts.len() as u64;
         report.duplicates_skipped = self.duplicates;
@@ -512,7 +556,14 @@ pub async fn from_store(store: &Store, opts: AuditOptions) -> anyhow::Result<Aud
                     .get(&(r.account_id.clone(), r.sequence))
                     .map(String::as_str)
             });
-            auditor.feed(&r.account_id, r.sequence, &r.event, carried, None);
+            auditor.feed(
+                &r.account_id,
+                r.sequence,
+                &r.event,
+                carried,
+                r.signature.as_deref(),
+                None,
+            );
         }
         bar.inc(keys.len() as u64);
     }
@@ -802,6 +853,7 @@ mod tests {
             until: None,
             validity_months: 6,
             print_listing: false,
+            public_key: None,
         }
     }
 
@@ -833,9 +885,9 @@ mod tests {
     fn invariants_over_the_history() {
         let t = DateTime::<Utc>::UNIX_EPOCH;
         let mut a = Auditor::new(opts());
-        a.feed("acc", 1, &generated(1, "prod", 6), None, None);
-        a.feed("acc", 2, &generated(2, "prod", 6), None, None);
-        a.feed("acc", 3, &generated(3, "long", 7), None, None);
+        a.feed("acc", 1, &generated(1, "prod", 6), None, None, None);
+        a.feed("acc", 2, &generated(2, "prod", 6), None, None, None);
+        a.feed("acc", 3, &generated(3, "long", 7), None, None, None);
         a.feed(
             "acc",
             4,
@@ -844,6 +896,7 @@ mod tests {
                 key_id: Uuid::from_u128(1),
                 revoked_at: t,
             }),
+            None,
             None,
             None,
         );
@@ -858,6 +911,7 @@ mod tests {
             }),
             None,
             None,
+            None,
         );
         assert_eq!(
             checks(&a),
@@ -869,7 +923,7 @@ mod tests {
     fn a_plaintext_key_in_a_field_is_reported() {
         let mut a = Auditor::new(opts());
         let leaked = format!("oops johndoe_v1_{}", "A".repeat(44));
-        a.feed("acc", 1, &generated(1, &leaked, 6), None, None);
+        a.feed("acc", 1, &generated(1, &leaked, 6), None, None, None);
         assert_eq!(checks(&a), vec![("secrets", 1)]);
     }
 
@@ -878,14 +932,21 @@ mod tests {
         let mut a = Auditor::new(opts());
         let e1 = generated(1, "a", 6);
         let c1 = chain::next(&chain::GENESIS, "acc", 1, &e1);
-        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None);
-        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None);
+        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None, None);
+        a.feed("acc", 1, &e1, Some(&chain::to_hex(&c1)), None, None);
         assert_eq!(
             a.duplicates, 1,
             "an identical republished record is skipped"
         );
-        a.feed("acc", 3, &generated(3, "c", 6), None, None);
-        a.feed("acc", 4, &generated(4, "d", 6), Some(&"0".repeat(64)), None);
+        a.feed("acc", 3, &generated(3, "c", 6), None, None, None);
+        a.feed(
+            "acc",
+            4,
+            &generated(4, "d", 6),
+            Some(&"0".repeat(64)),
+            None,
+            None,
+        );
         assert_eq!(checks(&a), vec![("sequence", 2), ("chain", 4)]);
     }
 }

@@ -38,7 +38,17 @@ pub struct Settings {
     pub listen: String,
     pub storage: Storage,
     pub pepper: SecretString,
-    pub api_token: SecretString,
+    /// The admin token (`KEYLEDGER_API_TOKEN`); optional when a tokens file is given.
+    pub api_token: Option<SecretString>,
+    /// Scoped tokens (`KEYLEDGER_TOKENS_FILE`).
+    pub tokens_file: Option<PathBuf>,
+    /// The base64 Ed25519 seed that signs every event's chain value.
+    pub signing_key: SecretString,
+    /// Secrets generated at this start (embedded mode): a store that already holds events
+    /// must not meet a new pepper or signing key.
+    pub generated: Vec<&'static str>,
+    /// A separate listener for `/metrics` (then not served on the API's port).
+    pub metrics_listen: Option<String>,
     pub policy: Policy,
     /// The service's default sender address (always allowed as a from address).
     pub default_from: Option<String>,
@@ -46,6 +56,8 @@ pub struct Settings {
     pub max_db_connections: u32,
     /// Postman's fixed bcrypt salt, to verify migrated legacy keys.
     pub legacy_salt: Option<String>,
+    /// At most this many bcrypt checks of legacy keys a second.
+    pub legacy_checks_per_second: f64,
     /// The Kafka bus, when configured.
     pub bus: Option<BusConfig>,
     /// The parts this process runs.
@@ -154,8 +166,12 @@ impl Default for Roles {
 pub enum ConfigError {
     #[error("KEYLEDGER_PEPPER must be set when KEYLEDGER_DATABASE_URL is (at least {MIN_PEPPER_BYTES} bytes of secret; e.g. `openssl rand -base64 48`)")]
     MissingPepper,
-    #[error("KEYLEDGER_API_TOKEN must be set when KEYLEDGER_DATABASE_URL is (at least {MIN_TOKEN_BYTES} characters)")]
+    #[error("KEYLEDGER_API_TOKEN or KEYLEDGER_TOKENS_FILE must be set when KEYLEDGER_DATABASE_URL is (a token of at least {MIN_TOKEN_BYTES} characters; `keyledger tokens add` makes scoped ones)")]
     MissingToken,
+    #[error("KEYLEDGER_SIGNING_KEY must be set when KEYLEDGER_DATABASE_URL is: the base64 of 32 random bytes, e.g. `openssl rand -base64 32`; it signs every event, keep it safe and stable")]
+    MissingSigningKey,
+    #[error("KEYLEDGER_SIGNING_KEY is not the base64 of 32 bytes")]
+    BadSigningKey,
     #[error("KEYLEDGER_PEPPER is too short: at least {MIN_PEPPER_BYTES} bytes are required")]
     ShortPepper,
     #[error(
@@ -184,10 +200,15 @@ pub struct Inputs {
     pub database_url: Option<String>,
     pub pepper: Option<String>,
     pub api_token: Option<String>,
+    pub tokens_file: Option<PathBuf>,
+    pub signing_key: Option<String>,
+    pub metrics_listen: Option<String>,
     pub policy: Policy,
     pub default_from: Option<String>,
     pub max_db_connections: u32,
     pub legacy_salt: Option<String>,
+    /// 0 means the default (4).
+    pub legacy_checks_per_second: f64,
     pub bus: Option<BusConfig>,
     pub roles: Roles,
     pub reminders: ReminderSettings,
@@ -198,6 +219,7 @@ pub struct DataFiles {
     pub database: PathBuf,
     pub api_token: PathBuf,
     pub pepper: PathBuf,
+    pub signing_key: PathBuf,
 }
 
 impl DataFiles {
@@ -206,6 +228,7 @@ impl DataFiles {
             database: dir.join("keyledger.db"),
             api_token: dir.join("api-token"),
             pepper: dir.join("pepper"),
+            signing_key: dir.join("signing-key"),
         }
     }
 }
@@ -222,16 +245,21 @@ impl Settings {
         if inputs.bus.is_some() && inputs.database_url.is_none() {
             return Err(ConfigError::BusWithoutPostgres);
         }
-        let (storage, pepper, token, token_path) = match inputs.database_url {
+        let mut generated = Vec::new();
+        let (storage, pepper, token, signing_key, token_path) = match inputs.database_url {
             Some(url) => {
                 let pepper = inputs.pepper.ok_or(ConfigError::MissingPepper)?;
-                let token = inputs.api_token.ok_or(ConfigError::MissingToken)?;
+                if inputs.api_token.is_none() && inputs.tokens_file.is_none() {
+                    return Err(ConfigError::MissingToken);
+                }
+                let signing_key = inputs.signing_key.ok_or(ConfigError::MissingSigningKey)?;
                 (
                     Storage::Postgres {
                         url: SecretString::new(url),
                     },
                     pepper,
-                    token,
+                    inputs.api_token,
+                    signing_key,
                     None,
                 )
             }
@@ -245,12 +273,29 @@ impl Settings {
                 let files = DataFiles::in_dir(&dir);
                 let pepper = match inputs.pepper {
                     Some(p) => p,
-                    None => read_or_generate(&files.pepper, 48).map_err(io)?,
+                    None => {
+                        let (p, new) = read_or_generate(&files.pepper, 48).map_err(io)?;
+                        if new {
+                            generated.push("pepper");
+                        }
+                        p
+                    }
                 };
-                let (token, token_path) = match inputs.api_token {
-                    Some(t) => (t, None),
-                    None => (
-                        read_or_generate(&files.api_token, 32).map_err(io)?,
+                let signing_key = match inputs.signing_key {
+                    Some(k) => k,
+                    None => {
+                        let (k, new) = read_or_generate_key(&files.signing_key).map_err(io)?;
+                        if new {
+                            generated.push("signing key");
+                        }
+                        k
+                    }
+                };
+                let (token, token_path) = match (inputs.api_token, &inputs.tokens_file) {
+                    (Some(t), _) => (Some(t), None),
+                    (None, Some(_)) => (None, None),
+                    (None, None) => (
+                        Some(read_or_generate(&files.api_token, 32).map_err(io)?.0),
                         Some(files.api_token),
                     ),
                 };
@@ -258,6 +303,7 @@ impl Settings {
                     Storage::Embedded { data_dir: dir },
                     pepper,
                     token,
+                    signing_key,
                     token_path,
                 )
             }
@@ -265,19 +311,31 @@ impl Settings {
         if pepper.len() < MIN_PEPPER_BYTES {
             return Err(ConfigError::ShortPepper);
         }
-        if token.len() < MIN_TOKEN_BYTES {
+        if token.as_ref().is_some_and(|t| t.len() < MIN_TOKEN_BYTES) {
             return Err(ConfigError::ShortToken);
         }
+        let signing_key = SecretString::new(signing_key);
+        crate::domain::LogSigner::from_base64(signing_key.expose())
+            .map_err(|_| ConfigError::BadSigningKey)?;
         let settings = Settings {
             listen: inputs.listen,
             storage,
             pepper: SecretString::new(pepper),
-            api_token: SecretString::new(token),
+            api_token: token.map(SecretString::new),
+            tokens_file: inputs.tokens_file,
+            signing_key,
+            generated,
+            metrics_listen: inputs.metrics_listen,
             policy: inputs.policy,
             default_from: inputs.default_from,
             clock: Arc::new(SystemClock),
             max_db_connections: inputs.max_db_connections.max(1),
             legacy_salt: inputs.legacy_salt,
+            legacy_checks_per_second: if inputs.legacy_checks_per_second > 0.0 {
+                inputs.legacy_checks_per_second
+            } else {
+                4.0
+            },
             bus: inputs.bus,
             roles: inputs.roles,
             reminders: inputs.reminders,
@@ -299,10 +357,11 @@ fn is_bcrypt_salt(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
 }
 
-/// Reads a secret file, or creates it (mode 0600) with `bytes` random bytes, base64url.
-fn read_or_generate(path: &Path, bytes: usize) -> std::io::Result<String> {
+/// Reads a secret file, or creates it (mode 0600) with `bytes` random bytes, base64url;
+/// says whether it was created.
+fn read_or_generate(path: &Path, bytes: usize) -> std::io::Result<(String, bool)> {
     match std::fs::read_to_string(path) {
-        Ok(s) => return Ok(s.trim().to_owned()),
+        Ok(s) => return Ok((s.trim().to_owned(), false)),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         Err(_) => {}
     }
@@ -310,11 +369,26 @@ fn read_or_generate(path: &Path, bytes: usize) -> std::io::Result<String> {
     OsRng.fill_bytes(&mut raw);
     let secret = URL_SAFE_NO_PAD.encode(&raw);
     write_private(path, &secret)?;
-    Ok(secret)
+    Ok((secret, true))
 }
 
+/// Reads the signing key file, or creates it with a fresh Ed25519 seed (standard base64).
+fn read_or_generate_key(path: &Path) -> std::io::Result<(String, bool)> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => return Ok((s.trim().to_owned(), false)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let seed = crate::domain::LogSigner::generate_seed();
+    write_private(path, &seed)?;
+    Ok((seed, true))
+}
+
+/// Writes a new file readable by its owner only, and makes it durable (fsync of the file
+/// and of its folder) before returning: a secret that vanished in a crash would make every
+/// key or signature unverifiable.
 #[cfg(unix)]
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -323,11 +397,16 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(contents.as_bytes())?;
-    f.write_all(b"\n")
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(not(unix))]
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(path, contents)
 }
 
@@ -396,7 +475,10 @@ mod tests {
             .mode();
         assert_eq!(pepper_mode & 0o777, 0o600);
         let (second, _) = Settings::resolve(inputs).expect("resolves again");
-        assert_eq!(first.api_token.expose(), second.api_token.expose());
+        assert_eq!(
+            first.api_token.as_ref().map(|t| t.expose()),
+            second.api_token.as_ref().map(|t| t.expose())
+        );
         assert_eq!(first.pepper.expose(), second.pepper.expose());
     }
 }

@@ -27,12 +27,13 @@ use rand::Rng;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::domain::{mint_key, AccountId, KeyHasher, LoginEmail, PlaintextKey};
+use crate::domain::{mint_key, seal, AccountId, KeyHasher, LogSigner, LoginEmail, PlaintextKey};
 use crate::keyring::{
     KeyFacts, Keyring, KeyringCommand, KeyringError, KeyringServices, NewKeyMaterial,
 };
 use crate::read_side::ReadSide;
-use crate::store::{Store, StoredRecord};
+use crate::store::metadata as meta;
+use crate::store::{CommandRecord, LoadedKeyring, Store, StoredRecord};
 use keyledger_events::chain;
 
 /// Attempts per command when another writer commits to the same account first.
@@ -41,17 +42,25 @@ const LOCK_STRIPES: usize = 1024;
 /// Keyrings kept in memory between commands.
 const CACHED_KEYRINGS: usize = 4096;
 
-/// A keyring ready for the next command, with its stream's chain head.
-type Loaded = (EventStoreAggregateContext<Keyring>, [u8; 32]);
-
 /// A command to execute.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub account_id: AccountId,
     pub command_id: Uuid,
-    /// Who sent it (`http`, `cli`, a service name), kept in the event metadata.
-    pub issued_by: String,
+    /// Who issued it — a token's name, `saga`, `bus:<issued_by>` — kept with its events.
+    pub actor: String,
     pub command: Command,
+    /// Over the bus, the sender's public key: a new key is sealed to it and the sealed box
+    /// kept with the outcome, so a redelivery gets the same key.
+    pub reply_key: Option<crypto_box::PublicKey>,
+}
+
+impl Request {
+    /// The command's fingerprint: what a reused command id must match.
+    fn fingerprint(&self) -> String {
+        let bytes = serde_json::to_vec(&self.command).unwrap_or_default();
+        blake3::hash(&bytes).to_hex().to_string()
+    }
 }
 
 /// Whether the command was applied now or had been already.
@@ -74,12 +83,16 @@ pub struct Outcome {
     pub rotated: Option<KeyFacts>,
     /// The new key in the clear: only for an accepted GenerateKey or RotateKey.
     pub api_key: Option<PlaintextKey>,
+    /// The new key sealed to the request's `reply_key` — for a redelivery too.
+    pub sealed_api_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     #[error(transparent)]
     Rejected(#[from] KeyringError),
+    #[error("this command id was used before for another command")]
+    IdempotencyKeyReused,
     #[error("the account is too busy: {MAX_ATTEMPTS} attempts lost to concurrent writers")]
     Contended,
     #[error("the event store is unavailable: {0}")]
@@ -90,9 +103,10 @@ pub struct CommandHandler {
     store: Arc<Store>,
     services: KeyringServices,
     hasher: KeyHasher,
+    signer: LogSigner,
     read_side: Arc<ReadSide>,
     locks: Vec<Mutex<()>>,
-    cache: std::sync::Mutex<HashMap<String, Loaded>>,
+    cache: std::sync::Mutex<HashMap<String, LoadedKeyring>>,
     /// Names the account of every commit, for the projections that follow the store.
     commits: tokio::sync::broadcast::Sender<String>,
 }
@@ -102,12 +116,14 @@ impl CommandHandler {
         store: Arc<Store>,
         services: KeyringServices,
         hasher: KeyHasher,
+        signer: LogSigner,
         read_side: Arc<ReadSide>,
     ) -> Self {
         Self {
             store,
             services,
             hasher,
+            signer,
             read_side,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: std::sync::Mutex::new(HashMap::new()),
@@ -150,13 +166,13 @@ impl CommandHandler {
 
     /// The account's keyring: from the cache (taken out: it goes back only after a
     /// successful command) with what was appended since, else from the store.
-    async fn load(&self, account: &str) -> Result<Loaded, HandleError> {
+    async fn load(&self, account: &str) -> Result<LoadedKeyring, HandleError> {
         let cached = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(account);
-        let Some((mut context, mut head)) = cached else {
+        let Some((mut context, mut head, mut commands)) = cached else {
             return self
                 .store
                 .load_with_chain(account)
@@ -169,6 +185,7 @@ impl CommandHandler {
             .await
             .map_err(|e| HandleError::Unavailable(e.to_string()))?;
         for r in newer {
+            commands.extend(r.command);
             head = r
                 .chain
                 .as_deref()
@@ -179,11 +196,11 @@ impl CommandHandler {
                 .apply(crate::keyring::StoredEvent(r.event));
             context.current_sequence = r.sequence as usize;
         }
-        Ok((context, head))
+        Ok((context, head, commands))
     }
 
     /// Keeps an account's keyring for its next command.
-    fn keep(&self, account: &str, loaded: Loaded) {
+    fn keep(&self, account: &str, loaded: LoadedKeyring) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHED_KEYRINGS {
             if let Some(evicted) = cache.keys().next().cloned() {
@@ -196,12 +213,25 @@ impl CommandHandler {
     async fn execute_once(&self, request: Request) -> Result<Outcome, HandleError> {
         let _serialised = self.lock_for(&request.account_id).lock().await;
         let account = request.account_id.as_str();
+        let fingerprint = request.fingerprint();
         for attempt in 0..MAX_ATTEMPTS {
-            let (mut context, head) = self.load(account).await?;
+            let (mut context, head, commands) = self.load(account).await?;
             let keyring = &mut context.aggregate;
             if let Some(prior) = keyring.prior_outcome(request.command_id) {
-                let outcome = duplicate(keyring, prior.sequences.clone(), prior.key_id);
-                self.keep(account, (context, head));
+                let record = commands
+                    .get(&request.command_id)
+                    .cloned()
+                    .unwrap_or_default();
+                let reused = record
+                    .fingerprint
+                    .as_ref()
+                    .is_some_and(|f| *f != fingerprint);
+                let mut outcome = duplicate(keyring, prior.sequences.clone(), prior.key_id);
+                outcome.sealed_api_key = record.sealed_api_key;
+                self.keep(account, (context, head, commands));
+                if reused {
+                    return Err(HandleError::IdempotencyKeyReused);
+                }
                 return Ok(outcome);
             }
             let (material, api_key) = self.mint_for(keyring, &request.command);
@@ -215,7 +245,7 @@ impl CommandHandler {
             let events: Vec<_> = sink.collect().await;
             let (key, rotated) = affected(keyring, &events);
             if events.is_empty() {
-                self.keep(account, (context, head));
+                self.keep(account, (context, head, commands));
                 return Ok(Outcome {
                     status: Status::Accepted,
                     sequences: vec![],
@@ -223,6 +253,7 @@ impl CommandHandler {
                     key,
                     rotated,
                     api_key: None,
+                    sealed_api_key: None,
                 });
             }
             // The hash chain, recorded with the events it covers.
@@ -233,19 +264,32 @@ impl CommandHandler {
                 value = chain::next(&value, account, first_sequence + i as u64, &e.0);
                 chains.push(value);
             }
+            let signatures: Vec<String> = chains.iter().map(|c| self.signer.sign(c)).collect();
+            let sealed_api_key = match (&api_key, &request.reply_key) {
+                (Some(k), Some(to)) => Some(
+                    seal::seal(to, k.expose().as_bytes())
+                        .map_err(|e| HandleError::Unavailable(e.to_string()))?,
+                ),
+                _ => None,
+            };
             let mut metadata = HashMap::from([
-                ("command_id".to_owned(), request.command_id.to_string()),
+                (meta::COMMAND_ID.to_owned(), request.command_id.to_string()),
                 (
                     "command_type".to_owned(),
                     request.command.command_type().as_str().to_owned(),
                 ),
-                ("issued_by".to_owned(), request.issued_by.clone()),
+                (meta::ACTOR.to_owned(), request.actor.clone()),
+                (meta::FINGERPRINT.to_owned(), fingerprint.clone()),
                 (
                     "recorded_at".to_owned(),
                     self.services.clock.now().to_rfc3339(),
                 ),
             ]);
+            if let Some(sealed) = &sealed_api_key {
+                metadata.insert(meta::SEALED_API_KEY.to_owned(), sealed.clone());
+            }
             metadata.extend(chain::metadata(first_sequence, &chains));
+            metadata.insert(chain::METADATA_SIGNATURES.to_owned(), signatures.join(","));
             // The state after these events, kept if the commit succeeds.
             let after = EventStoreAggregateContext {
                 aggregate_id: context.aggregate_id.clone(),
@@ -255,15 +299,24 @@ impl CommandHandler {
             };
             match self.store.commit(events, context, metadata).await {
                 Ok(committed) => {
-                    self.keep(account, (after, value));
+                    let mut commands = commands;
+                    commands.insert(
+                        request.command_id,
+                        CommandRecord {
+                            fingerprint: Some(fingerprint.clone()),
+                            sealed_api_key: sealed_api_key.clone(),
+                        },
+                    );
+                    self.keep(account, (after, value, commands));
                     let records: Vec<StoredRecord> = committed
                         .into_iter()
-                        .zip(&chains)
-                        .map(|(e, c)| StoredRecord {
-                            account_id: e.aggregate_id,
-                            sequence: e.sequence as u64,
-                            event: e.payload.0,
+                        .zip(chains.iter().zip(signatures))
+                        .map(|(e, (c, signature))| StoredRecord {
                             chain: Some(chain::to_hex(c)),
+                            signature: Some(signature),
+                            actor: Some(request.actor.clone()),
+                            command: None,
+                            ..StoredRecord::bare(&e.aggregate_id, e.sequence as u64, e.payload.0)
                         })
                         .collect();
                     if let Err(e) = self
@@ -284,6 +337,7 @@ impl CommandHandler {
                         key,
                         rotated,
                         api_key,
+                        sealed_api_key,
                     });
                 }
                 Err(AggregateError::AggregateConflict) => {
@@ -388,5 +442,6 @@ fn duplicate(keyring: &Keyring, sequences: Vec<u64>, key_id: Option<Uuid>) -> Ou
         key,
         rotated,
         api_key: None,
+        sealed_api_key: None,
     }
 }

@@ -14,6 +14,7 @@
 //! | 1 | [`domain`] | values that parse on construction: account ids, labels, emails, keys, the clock, the policy |
 //! | 1 | [`keyring`] | the aggregate: decides commands, applies events (pure) |
 //! | 2 | [`store`] | the event store and the tables beside it: ordered reads, transactions, checkpoints, offsets, index snapshots |
+//! | 2 | [`tokens`] | scoped API tokens: the tokens file, roles, constant-time lookup |
 //! | 2 | [`kafka`] | Kafka plumbing: settings, topics, idempotent producer, consumer groups with offsets in PostgreSQL, halts |
 //! | 3 | [`projection`] | the one way events reach a consumer: the `Projection` trait, fed from the store or the events topic |
 //! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index |
@@ -49,3 +50,4 @@ pub mod read_side;
 pub mod reminders;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;

@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
         Commands::Migrate(args) => migrate(args).await,
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
         Commands::Reminders(args) => run_reminders(&args.client, args.action).await,
+        Commands::Tokens(args) => tokens(args),
         Commands::Audit(args) => match audit(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
@@ -78,6 +79,12 @@ async fn audit(args: keyledger::cli::AuditArgs) -> anyhow::Result<bool> {
         until: args.until,
         validity_months: args.key_validity_months,
         print_listing: args.print_listing,
+        public_key: args
+            .public_key
+            .as_deref()
+            .map(keyledger_events::signature::LogKey::from_base64)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--public-key: {e}"))?,
     };
     // The live store (never migrated by an audit), when one is reachable.
     let store = match (&args.storage.database_url, args.from) {
@@ -124,6 +131,37 @@ async fn audit(args: keyledger::cli::AuditArgs) -> anyhow::Result<bool> {
     Ok(report.passed)
 }
 
+/// `keyledger tokens add|list|revoke`.
+fn tokens(args: keyledger::cli::TokensArgs) -> anyhow::Result<()> {
+    use keyledger::cli::TokensAction;
+    match args.action {
+        TokensAction::Add { name, role } => {
+            let token = keyledger::tokens::add(&args.file, &name, role)?;
+            eprintln!(
+                "token '{name}' ({}) added to {}; it is shown once, here:",
+                role.as_str(),
+                args.file.display()
+            );
+            println!("{token}");
+        }
+        TokensAction::List => {
+            for e in keyledger::tokens::read_file(&args.file)? {
+                println!(
+                    "{:<24} {:<9} blake3 {}…",
+                    e.name,
+                    e.role.as_str(),
+                    &e.hash.to_hex()[..12]
+                );
+            }
+        }
+        TokensAction::Revoke { name } => {
+            keyledger::tokens::revoke(&args.file, &name)?;
+            eprintln!("token '{name}' removed from {}", args.file.display());
+        }
+    }
+    Ok(())
+}
+
 async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
     let inputs = Inputs {
         data_dir: args.data_dir.clone(),
@@ -131,6 +169,7 @@ async fn migrate(args: keyledger::cli::StorageArgs) -> anyhow::Result<()> {
         // Migration touches no secret, but resolution wants them in PostgreSQL mode.
         pepper: Some("migration-needs-no-pepper-000000000000".into()),
         api_token: Some("migration-needs-no-token-0000000".into()),
+        signing_key: Some(keyledger::domain::LogSigner::generate_seed()),
         ..Inputs::default()
     };
     let (settings, _) = Settings::resolve(inputs)?;

@@ -94,18 +94,34 @@ pub fn metadata(first_sequence: u64, chains: &[[u8; 32]]) -> [(String, String); 
     ]
 }
 
+/// Metadata key: the commit's signatures (base64, comma-separated, in order).
+pub const METADATA_SIGNATURES: &str = "signature";
+
 /// The chain value recorded for `sequence` in its commit's metadata.
 pub fn recorded(
     metadata: &std::collections::HashMap<String, String>,
     sequence: u64,
 ) -> Option<[u8; 32]> {
+    recorded_item(metadata, METADATA_CHAINS, sequence).and_then(from_hex)
+}
+
+/// The signature recorded for `sequence` in its commit's metadata.
+pub fn recorded_signature(
+    metadata: &std::collections::HashMap<String, String>,
+    sequence: u64,
+) -> Option<&str> {
+    recorded_item(metadata, METADATA_SIGNATURES, sequence)
+}
+
+/// Item `sequence` of a comma-separated per-event list of a commit's metadata.
+fn recorded_item<'m>(
+    metadata: &'m std::collections::HashMap<String, String>,
+    key: &str,
+    sequence: u64,
+) -> Option<&'m str> {
     let first: u64 = metadata.get(METADATA_FIRST_SEQUENCE)?.parse().ok()?;
     let index = sequence.checked_sub(first)? as usize;
-    metadata
-        .get(METADATA_CHAINS)?
-        .split(',')
-        .nth(index)
-        .and_then(from_hex)
+    metadata.get(key)?.split(',').nth(index)
 }
 
 /// Lower-case hex of a chain value.

@@ -98,6 +98,12 @@ impl CommandType {
 }
 
 impl Command {
+    /// Whether only keyledger itself may issue this command (the reminder saga's
+    /// SendExpiryReminder): refused from HTTP and the bus with `forbidden_command`.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Command::SendExpiryReminder { .. })
+    }
+
     pub fn command_type(&self) -> CommandType {
         match self {
             Command::GenerateKey { .. } => CommandType::GenerateKey,

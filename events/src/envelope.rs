@@ -25,6 +25,16 @@ pub struct EventEnvelope {
     pub command_id: Uuid,
     /// Hex BLAKE3 over the account's previous chain value and this event's canonical bytes.
     pub chain: String,
+    /// The account's chain value before this event (hex; 64 zeros before the first), so a
+    /// reader can check `chain` against the payload without any state of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_chain: Option<String>,
+    /// Base64 Ed25519 signature over the 32 bytes of `chain` (see [`crate::signature`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Who issued the command: a token's name, `saga`, or `bus:<issued_by>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     pub payload: serde_json::Value,
 }
 
@@ -41,8 +51,14 @@ impl EventEnvelope {
         )
     }
 
-    /// The envelope of a stored event with its chain value.
-    pub fn of(account_id: &str, sequence: u64, event: &KeyringEvent, chain: &[u8; 32]) -> Self {
+    /// The envelope of a stored event with its chain value (and the one before it).
+    pub fn of(
+        account_id: &str,
+        sequence: u64,
+        event: &KeyringEvent,
+        previous: &[u8; 32],
+        chain: &[u8; 32],
+    ) -> Self {
         Self {
             event_id: Self::event_id_for(account_id, sequence),
             account_id: account_id.to_owned(),
@@ -52,6 +68,9 @@ impl EventEnvelope {
             occurred_at: event.occurred_at(),
             command_id: event.command_id(),
             chain: chain::to_hex(chain),
+            previous_chain: Some(chain::to_hex(previous)),
+            signature: None,
+            actor: None,
             payload: event.payload(),
         }
     }
@@ -65,7 +84,43 @@ pub struct DecodedEvent {
     pub sequence: u64,
     /// The chain value the envelope carries (hex), not yet checked.
     pub chain: String,
+    /// The chain value before it, when carried (hex).
+    pub previous_chain: Option<String>,
+    /// The carried signature (base64), not yet checked.
+    pub signature: Option<String>,
+    pub actor: Option<String>,
     pub event: KeyringEvent,
+}
+
+/// Why a record is not vouched for by the log's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unsigned {
+    #[error("it carries no signature")]
+    Missing,
+    #[error("its chain value does not follow from its payload and previous chain value")]
+    Chain,
+    #[error("its signature does not verify under the log's key")]
+    Signature,
+}
+
+impl DecodedEvent {
+    /// Whether the record is one keyledger wrote: `chain` recomputes from `previous_chain`
+    /// and the payload, and `signature` signs `chain` under `key`. Needs no state: a forger
+    /// would have to find a payload and previous value hashing to a value keyledger signed.
+    pub fn vouched_for(&self, key: &crate::signature::LogKey) -> Result<(), Unsigned> {
+        let (Some(previous), Some(signature)) = (&self.previous_chain, &self.signature) else {
+            return Err(Unsigned::Missing);
+        };
+        let previous = chain::from_hex(previous).ok_or(Unsigned::Chain)?;
+        let carried = chain::from_hex(&self.chain).ok_or(Unsigned::Chain)?;
+        if chain::next(&previous, &self.account_id, self.sequence, &self.event) != carried {
+            return Err(Unsigned::Chain);
+        }
+        if !key.verifies(&carried, signature) {
+            return Err(Unsigned::Signature);
+        }
+        Ok(())
+    }
 }
 
 /// Why a record of the events topic is not an event.
@@ -101,6 +156,12 @@ struct EnvelopeRef<'a> {
     event_version: Cow<'a, str>,
     #[serde(borrow)]
     chain: Cow<'a, str>,
+    #[serde(default, borrow)]
+    previous_chain: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    signature: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    actor: Option<Cow<'a, str>>,
     #[serde(borrow)]
     payload: &'a serde_json::value::RawValue,
 }
@@ -129,6 +190,9 @@ pub fn decode_event(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
         account_id: e.account_id.into_owned(),
         sequence: e.sequence,
         chain: e.chain.into_owned(),
+        previous_chain: e.previous_chain.map(Cow::into_owned),
+        signature: e.signature.map(Cow::into_owned),
+        actor: e.actor.map(Cow::into_owned),
         event,
     })
 }
@@ -220,7 +284,7 @@ mod tests {
     #[test]
     fn an_envelope_decodes_back_to_its_event() {
         let value = chain::next(&chain::GENESIS, "acc", 3, &revoked());
-        let envelope = EventEnvelope::of("acc", 3, &revoked(), &value);
+        let envelope = EventEnvelope::of("acc", 3, &revoked(), &chain::GENESIS, &value);
         let bytes = serde_json::to_vec(&envelope).expect("json");
         let decoded = decode_event(&bytes).expect("decodes");
         assert_eq!(decoded.event, revoked());
@@ -231,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_wrong_version_type_or_id_is_named() {
-        let envelope = EventEnvelope::of("acc", 1, &revoked(), &chain::GENESIS);
+        let envelope = EventEnvelope::of("acc", 1, &revoked(), &chain::GENESIS, &chain::GENESIS);
         let mut v = serde_json::to_value(&envelope).expect("json");
         v["event_version"] = "2".into();
         assert!(matches!(

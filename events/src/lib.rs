@@ -7,8 +7,8 @@
 //! `events/schemas/` (a test fails when the types and the schemas drift apart).
 //!
 //! An independent auditor needs only this crate: [`decode_event`] reads a record of the
-//! events topic (checking its version and derived event id) and [`chain`] recomputes the
-//! account's hash chain.
+//! events topic (checking its version and derived event id), [`chain`] recomputes the
+//! account's hash chain, and [`signature`] checks the log's signatures with nothing secret.
 //!
 //! Rules for changing this crate: add fields freely (readers ignore what they don't know),
 //! never rename or remove one without a new event version.
@@ -18,11 +18,12 @@ mod command;
 mod envelope;
 mod event;
 pub mod schema;
+pub mod signature;
 
 pub use command::{Command, CommandEnvelope, CommandType};
 pub use envelope::{
     decode_event, CommandResult, CommandStatus, DeadLetter, DecodeError, DecodedEvent, ErrorBody,
-    EventEnvelope, Notification, EVENT_ID_NAMESPACE,
+    EventEnvelope, Notification, Unsigned, EVENT_ID_NAMESPACE,
 };
 pub use event::{
     ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,

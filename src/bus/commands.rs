@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::seal;
+use crate::domain::seal;
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
 use crate::kafka::group::Group;
@@ -293,6 +293,15 @@ impl CommandConsumer {
                 return reject(e.code(), e.to_string());
             }
         };
+        if envelope.command.is_internal() {
+            return reject(
+                "forbidden_command",
+                format!(
+                    "{} is issued by keyledger itself, never over the bus",
+                    envelope.command.command_type().as_str()
+                ),
+            );
+        }
         let needs_key = matches!(
             envelope.command,
             Command::GenerateKey { .. } | Command::RotateKey { .. }
@@ -308,27 +317,24 @@ impl CommandConsumer {
         let request = Request {
             account_id,
             command_id: envelope.command_id,
-            issued_by: envelope.issued_by.clone().unwrap_or_else(|| "bus".into()),
+            actor: format!("bus:{}", envelope.issued_by.as_deref().unwrap_or("unknown")),
             command: envelope.command.clone(),
+            reply_key,
         };
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
             match self.handler.execute(request.clone()).await {
                 Ok(o) => break o,
                 Err(HandleError::Rejected(e)) => return reject(e.code(), e.to_string()),
+                Err(e @ HandleError::IdempotencyKeyReused) => {
+                    return reject("idempotency_key_reused", e.to_string())
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, command_id = %envelope.command_id, "command not handled yet; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        };
-        let sealed_api_key = match (&outcome.api_key, &reply_key) {
-            (Some(key), Some(pk)) => match seal::seal(pk, key.expose().as_bytes()) {
-                Ok(s) => Some(s),
-                Err(e) => return reject("internal", e.to_string()),
-            },
-            _ => None,
         };
         Reply::Result(CommandResult {
             command_id: envelope.command_id,
@@ -339,7 +345,8 @@ impl CommandConsumer {
             },
             error: None,
             key_id: outcome.key.as_ref().map(|k| k.key_id),
-            sealed_api_key,
+            // The sealed box kept with the outcome: a redelivery gets the same key.
+            sealed_api_key: outcome.sealed_api_key.clone(),
             event_sequences: outcome.sequences.clone(),
         })
     }

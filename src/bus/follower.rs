@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::kafka::group::{blocking, is_out_of_range};
 use crate::kafka::halt::{out_of_range, Halts};
 use crate::kafka::{supervise, BusConfig, BusError};
+use crate::projection::from_topic::Vouch;
 use crate::read_side::ReadSide;
 
 /// The name the follower goes by in logs, `/readyz` and metrics.
@@ -27,6 +28,7 @@ pub struct Follower {
     read_side: Arc<ReadSide>,
     from: Mutex<Vec<(i32, i64)>>,
     halts: Halts,
+    vouch: Vouch,
 }
 
 impl Follower {
@@ -35,12 +37,14 @@ impl Follower {
         read_side: Arc<ReadSide>,
         from: Vec<(i32, i64)>,
         halts: Halts,
+        vouch: Vouch,
     ) -> Self {
         Self {
             bus,
             read_side,
             from: Mutex::new(from),
             halts,
+            vouch,
         }
     }
 
@@ -74,12 +78,18 @@ impl Follower {
                     None => from.push((m.partition(), m.offset() + 1)),
                 }
             }
+            // A record the log's key does not vouch for never reaches the index.
             match keyledger_events::decode_event(m.payload().unwrap_or_default()) {
-                Ok(r) => self
-                    .read_side
-                    .apply_in_memory(&r.account_id, r.sequence, &r.event),
+                Ok(r) => {
+                    if self.vouch.check(PART, &r, &m).await {
+                        self.read_side
+                            .apply_in_memory(&r.account_id, r.sequence, &r.event)
+                    }
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "unreadable record on the events topic; skipped")
+                    self.vouch
+                        .refuse(PART, &format!("unreadable: {e}"), &m)
+                        .await
                 }
             }
         }

@@ -9,7 +9,8 @@ use tokio::sync::watch;
 
 use crate::kafka::halt::Halts;
 use crate::kafka::BusConfig;
-use crate::projection::{from_topic, Projection};
+use crate::projection::from_topic::{self, Vouch};
+use crate::projection::Projection;
 use crate::read_side::index::PersistedIndex;
 use crate::read_side::listing::ListingTable;
 use crate::store::Store;
@@ -20,10 +21,11 @@ pub async fn run(
     store: Arc<Store>,
     pool: PgPool,
     halts: Halts,
+    vouch: Vouch,
     stop: watch::Receiver<bool>,
 ) {
     let group = bus.projector_group.clone();
     let projections: Vec<Arc<dyn Projection>> =
         vec![Arc::new(ListingTable), Arc::new(PersistedIndex)];
-    from_topic::follow(group, projections, bus, store, pool, halts, stop).await;
+    from_topic::follow(group, projections, bus, store, pool, halts, vouch, stop).await;
 }

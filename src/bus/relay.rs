@@ -14,7 +14,7 @@
 //!
 //! One relay publishes at a time: each holds a PostgreSQL advisory lock while it runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use keyledger_events::{EventEnvelope, KeyringEvent};
@@ -22,8 +22,10 @@ use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
+use crate::domain::LogSigner;
 use crate::kafka::publisher::Publisher;
 use crate::kafka::{supervise, BusError};
+use crate::store::metadata as meta;
 use keyledger_events::chain;
 
 /// The advisory lock that makes one relay the publisher.
@@ -33,6 +35,8 @@ struct OutboxRow {
     account_id: String,
     sequence: u64,
     event: KeyringEvent,
+    /// What its commit recorded beside it.
+    metadata: HashMap<String, String>,
 }
 
 pub struct Relay {
@@ -40,16 +44,31 @@ pub struct Relay {
     producer: Publisher,
     topic: String,
     batch: i64,
+    signer: LogSigner,
+    /// Accounts whose next outbox row cannot be read: held back, the others go on.
+    stuck: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, producer: Publisher, topic: String, batch: i64) -> Self {
+    pub fn new(
+        pool: PgPool,
+        producer: Publisher,
+        topic: String,
+        batch: i64,
+        signer: LogSigner,
+    ) -> Self {
         Self {
             pool,
             producer,
             topic,
             batch: batch.max(1),
+            signer,
+            stuck: std::sync::Mutex::new(HashSet::new()),
         }
+    }
+
+    fn stuck(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.stuck.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs until `stop` turns true; finishes the batch in hand first.
@@ -122,11 +141,15 @@ impl Relay {
         &self,
         heads: &mut HashMap<String, (u64, [u8; 32])>,
     ) -> Result<usize, BusError> {
+        let stuck: Vec<String> = self.stuck().iter().cloned().collect();
         let rows = sqlx::query(
-            "SELECT position, aggregate_id, sequence, payload::text AS payload FROM outbox \
-             WHERE xact_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY position LIMIT $1",
+            "SELECT position, aggregate_id, sequence, payload::text AS payload, \
+             COALESCE(metadata::text, '{}') AS metadata FROM outbox \
+             WHERE xact_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             AND aggregate_id <> ALL($2::text[]) ORDER BY position LIMIT $1",
         )
         .bind(self.batch)
+        .bind(&stuck)
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
@@ -135,21 +158,31 @@ impl Relay {
         let mut batch = Vec::with_capacity(rows.len());
         for r in &rows {
             let account_id: String = r.get("aggregate_id");
+            if self.stuck().contains(&account_id) {
+                continue;
+            }
             let sequence = r.get::<i64, _>("sequence").max(0) as u64;
             let payload: String = r.get("payload");
-            let event: KeyringEvent = serde_json::from_str(&payload).map_err(|e| {
-                BusError::Store(crate::store::StoreError::Corrupt {
-                    account_id: account_id.clone(),
-                    sequence: sequence as i64,
-                    reason: e.to_string(),
-                })
-            })?;
-            batch.push(OutboxRow {
-                position: r.get("position"),
-                account_id,
-                sequence,
-                event,
-            });
+            match serde_json::from_str::<KeyringEvent>(&payload) {
+                Ok(event) => batch.push(OutboxRow {
+                    position: r.get("position"),
+                    account_id,
+                    sequence,
+                    event,
+                    metadata: serde_json::from_str(r.get("metadata")).unwrap_or_default(),
+                }),
+                Err(e) => {
+                    // This account's later events must not overtake it: the account stops
+                    // here; every other account goes on.
+                    tracing::error!(account_id = %account_id, sequence, error = %e, "an outbox row cannot be read; this account's events are held back until it is repaired");
+                    crate::metrics::metrics().count("keyledger_relay_stuck_accounts_total", &[], 1);
+                    self.stuck().insert(account_id.clone());
+                    batch.retain(|row: &OutboxRow| row.account_id != account_id);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(0);
         }
         // Chain values, in order.
         let mut chains = Vec::with_capacity(batch.len());
@@ -159,12 +192,24 @@ impl Relay {
                 .await?;
             let value = chain::next(&previous, &row.account_id, row.sequence, &row.event);
             heads.insert(row.account_id.clone(), (row.sequence, value));
-            chains.push(value);
+            chains.push((previous, value));
         }
         // Publish everything, then wait for every acknowledgement.
         let mut deliveries = Vec::with_capacity(batch.len());
-        for (row, value) in batch.iter().zip(&chains) {
-            let envelope = EventEnvelope::of(&row.account_id, row.sequence, &row.event, value);
+        for (row, (previous, value)) in batch.iter().zip(&chains) {
+            let mut envelope =
+                EventEnvelope::of(&row.account_id, row.sequence, &row.event, previous, value);
+            // The signature written with the event; events older than signing get one now.
+            envelope.signature = Some(
+                chain::recorded_signature(&row.metadata, row.sequence)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| self.signer.sign(value)),
+            );
+            envelope.actor = row
+                .metadata
+                .get(meta::ACTOR)
+                .or_else(|| row.metadata.get(meta::ISSUED_BY))
+                .cloned();
             let bytes = serde_json::to_vec(&envelope).unwrap_or_default();
             let producer = self.producer.clone();
             let topic = self.topic.clone();
@@ -181,7 +226,7 @@ impl Relay {
         let mut tx = self.pool.begin().await?;
         let accounts: Vec<&str> = batch.iter().map(|r| r.account_id.as_str()).collect();
         let sequences: Vec<i64> = batch.iter().map(|r| r.sequence as i64).collect();
-        let values: Vec<String> = chains.iter().map(chain::to_hex).collect();
+        let values: Vec<String> = chains.iter().map(|(_, v)| chain::to_hex(v)).collect();
         sqlx::query(
             "INSERT INTO event_chain (account_id, sequence, chain) \
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) ON CONFLICT DO NOTHING",

@@ -7,7 +7,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::{ClientArgs, KeysAction, RemindersAction};
-use crate::config::DataFiles;
 
 pub(crate) struct Client {
     http: reqwest::Client,
@@ -17,20 +16,7 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let token = match &args.token {
-            Some(t) => t.clone(),
-            None => {
-                let path = DataFiles::in_dir(&args.data_dir).api_token;
-                std::fs::read_to_string(&path)
-                    .map(|s| s.trim().to_owned())
-                    .with_context(|| {
-                        format!(
-                            "no --token or KEYLEDGER_API_TOKEN, and no token file at {}",
-                            path.display()
-                        )
-                    })?
-            }
-        };
+        let token = args.token()?;
         Ok(Self {
             http: reqwest::Client::new(),
             base: args.server.trim_end_matches('/').to_owned(),

@@ -72,6 +72,8 @@ pub enum Commands {
     },
     /// Replay the whole log and prove what happened to every key (exit 1 on any failure).
     Audit(AuditArgs),
+    /// Scoped API tokens: add, list, revoke (the file the server re-reads on change).
+    Tokens(TokensArgs),
     /// The reminder saga's schedule, through a running server's HTTP API.
     Reminders(RemindersArgs),
 }
@@ -111,6 +113,10 @@ pub struct AuditArgs {
     /// The configured key validity, for the expiry invariant.
     #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6)]
     pub key_validity_months: u32,
+    /// The log's public key (base64, as `GET /v1/log-key` serves it): every account's
+    /// history must carry a valid signature. Nothing secret is needed.
+    #[arg(long)]
+    pub public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -130,13 +136,15 @@ pub struct ServeArgs {
     /// HTTP listen address.
     #[arg(long, env = "KEYLEDGER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Secret for keyed BLAKE3 (at least 32 bytes). Required with PostgreSQL; prefer the
-    /// environment variable to the flag, which other users can see in the process list.
-    #[arg(long, env = "KEYLEDGER_PEPPER", hide_env_values = true)]
-    pub pepper: Option<String>,
-    /// Bearer token of the HTTP API (at least 24 characters). Required with PostgreSQL.
-    #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    /// Scoped API tokens (TOML of name, role, BLAKE3 hash; `keyledger tokens add`): re-read
+    /// on SIGHUP and when it changes. The secrets themselves — KEYLEDGER_PEPPER,
+    /// KEYLEDGER_API_TOKEN (an admin token), KEYLEDGER_SIGNING_KEY — are read from the
+    /// environment only: a flag would show them in the process list.
+    #[arg(long, env = "KEYLEDGER_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// A listener of its own for `/metrics` (then not served on the API's port).
+    #[arg(long, env = "KEYLEDGER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Calendar months a key is valid for.
     #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=24))]
     pub key_validity_months: u32,
@@ -154,6 +162,13 @@ pub struct ServeArgs {
     /// verify through Postman's scheme until their expiry.
     #[arg(long, env = "KEYLEDGER_LEGACY_SALT", hide_env_values = true)]
     pub legacy_salt: Option<String>,
+    /// At most this many bcrypt checks of legacy keys a second (one at a time).
+    #[arg(
+        long,
+        env = "KEYLEDGER_LEGACY_CHECKS_PER_SECOND",
+        default_value_t = 4.0
+    )]
+    pub legacy_checks_per_second: f64,
     /// Fixed expiry of migrated legacy keys (RFC 3339).
     #[arg(
         long,
@@ -263,8 +278,11 @@ impl ServeArgs {
             listen: self.listen.clone(),
             data_dir: self.storage.data_dir.clone(),
             database_url: self.storage.database_url.clone(),
-            pepper: self.pepper.clone(),
-            api_token: self.api_token.clone(),
+            pepper: secret_env("KEYLEDGER_PEPPER"),
+            api_token: secret_env("KEYLEDGER_API_TOKEN"),
+            tokens_file: self.tokens_file.clone(),
+            signing_key: secret_env("KEYLEDGER_SIGNING_KEY"),
+            metrics_listen: self.metrics_listen.clone(),
             policy: Policy {
                 validity_months: self.key_validity_months,
                 max_live_keys: self.max_live_keys,
@@ -272,10 +290,12 @@ impl ServeArgs {
                     .min(defaults.max_grace),
                 max_grace: defaults.max_grace,
                 legacy_expiry: self.legacy_expiry,
+                reminder_stages: self.reminder_stages.days().to_vec(),
             },
             default_from: self.default_from.clone(),
             max_db_connections: self.db_connections,
             legacy_salt: self.legacy_salt.clone(),
+            legacy_checks_per_second: self.legacy_checks_per_second,
             bus: self
                 .kafka_brokers
                 .as_ref()
@@ -304,6 +324,11 @@ impl ServeArgs {
     }
 }
 
+/// A secret from the environment (never a flag: flags show in the process list).
+fn secret_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Base URL of a running keyledger.
@@ -313,12 +338,67 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
-    /// Bearer token; defaults to the embedded server's generated token in the data folder.
-    #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Where to find an embedded server's generated token when --token is not given.
+    /// A file holding the bearer token. Without it, KEYLEDGER_API_TOKEN from the
+    /// environment, else the embedded server's generated token in the data folder. (Never
+    /// the token itself as a flag: it would show in the process list.)
+    #[arg(long, env = "KEYLEDGER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Where to find an embedded server's generated token.
     #[arg(long, env = "KEYLEDGER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+}
+
+impl ClientArgs {
+    /// The bearer token: `--token-file`, else `KEYLEDGER_API_TOKEN`, else the embedded
+    /// server's generated token.
+    pub fn token(&self) -> anyhow::Result<String> {
+        use anyhow::Context;
+        if let Some(path) = &self.token_file {
+            return std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .with_context(|| format!("cannot read the token file {}", path.display()));
+        }
+        if let Some(t) = secret_env("KEYLEDGER_API_TOKEN") {
+            return Ok(t);
+        }
+        let path = crate::config::DataFiles::in_dir(&self.data_dir).api_token;
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "no --token-file or KEYLEDGER_API_TOKEN, and no token file at {}",
+                    path.display()
+                )
+            })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TokensArgs {
+    /// The tokens file.
+    #[arg(long, env = "KEYLEDGER_TOKENS_FILE")]
+    pub file: PathBuf,
+    #[command(subcommand)]
+    pub action: TokensAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensAction {
+    /// Make a token: prints it once (only its hash is kept) and adds it to the file.
+    Add {
+        /// Its name, recorded as the actor of every command it issues.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: crate::tokens::Role,
+    },
+    /// The tokens in the file: name, role, the start of the hash.
+    List,
+    /// Remove a token: it stops working within a second on every running server.
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

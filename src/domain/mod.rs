@@ -9,6 +9,8 @@ mod clock;
 mod email;
 mod label;
 mod policy;
+pub mod seal;
+mod signing;
 
 pub use account::{AccountId, AccountIdError};
 pub use api_key::{
@@ -21,3 +23,4 @@ pub use email::{
 };
 pub use label::{Label, LabelError, MAX_LABEL_CHARS};
 pub use policy::Policy;
+pub use signing::{LogSigner, SigningKeyError};

@@ -1,4 +1,5 @@
-//! The configurable rules: validity, the key cap, rotation grace, the legacy cut-off.
+//! The configurable rules: validity, the key cap, rotation grace, the legacy cut-off, the
+//! reminder stages.
 
 use chrono::{DateTime, Duration, Months, TimeZone, Utc};
 
@@ -14,6 +15,9 @@ pub struct Policy {
     pub max_grace: Duration,
     /// The fixed expiry of migrated legacy keys (2024-04-21T00:00:00Z).
     pub legacy_expiry: DateTime<Utc>,
+    /// Days before expiry a reminder goes out (28, 14, 3, 1): the only stages the keyring
+    /// records, whoever asks.
+    pub reminder_stages: Vec<u32>,
 }
 
 impl Default for Policy {
@@ -27,6 +31,7 @@ impl Default for Policy {
                 .with_ymd_and_hms(2024, 4, 21, 0, 0, 0)
                 .single()
                 .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+            reminder_stages: vec![28, 14, 3, 1],
         }
     }
 }

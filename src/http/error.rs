@@ -45,6 +45,15 @@ impl ApiError {
         )
     }
 
+    /// A known token outside its role.
+    pub fn forbidden(role: crate::tokens::Role) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("a {} token may not call this route", role.as_str()),
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
@@ -88,6 +97,11 @@ impl From<HandleError> for ApiError {
             HandleError::Contended => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
             }
+            HandleError::IdempotencyKeyReused => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used before for another request; use a new one",
+            ),
             HandleError::Unavailable(_) => {
                 Self::unavailable("the event store is unavailable; try again")
             }

@@ -77,15 +77,15 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     }
 }
 
-/// Whether the request carries `Authorization: Bearer <token>` with the API token.
-/// blake3::Hash compares in constant time.
-pub fn token_matches(headers: &HeaderMap, state: &AppState) -> bool {
-    headers
+/// Who the request's `Authorization: Bearer <token>` names, if it names a known token
+/// (found in constant time, see [`crate::tokens`]).
+pub fn caller(headers: &HeaderMap, state: &AppState) -> Option<crate::tokens::Caller> {
+    let token = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .is_some_and(|token| blake3::hash(token.as_bytes()) == state.token_hash)
+        .map(str::trim)?;
+    state.tokens.caller(token)
 }
 
 /// Whether the request says its body is JSON (`application/json`, or `application/*+json`),

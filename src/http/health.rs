@@ -1,5 +1,6 @@
-//! `/readyz` (may this instance take traffic?) and `/metrics` (Prometheus). Both are open,
-//! like `/healthz`: probes and scrapers carry no token, and neither shows account data.
+//! `/readyz` (may this instance take traffic?), `/metrics` (Prometheus) and `/v1/log-key`
+//! (the log's public key). All are open, like `/healthz`: probes, scrapers and auditors
+//! carry no token, and none shows account data or error details.
 
 use std::time::Duration;
 
@@ -31,11 +32,14 @@ async fn relay_backlog(state: &AppState) -> Option<(i64, f64)> {
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut checks = serde_json::Map::new();
     let mut ready = true;
+    // The answer says what is down, never why (errors can name hosts and users): the
+    // log has the details.
     match state.store.ping().await {
         Ok(()) => checks.insert("database".into(), json!("ok")),
         Err(e) => {
             ready = false;
-            checks.insert("database".into(), json!(format!("down: {e}")))
+            tracing::warn!(error = %e, "readiness: the database does not answer");
+            checks.insert("database".into(), json!("down"))
         }
     };
     if let Some(probe) = &state.bus {
@@ -43,7 +47,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             Ok(()) => checks.insert("broker".into(), json!("ok")),
             Err(e) => {
                 ready = false;
-                checks.insert("broker".into(), json!(format!("down: {e}")))
+                tracing::warn!(error = %e, "readiness: the brokers do not answer");
+                checks.insert("broker".into(), json!("down"))
             }
         };
         if let Some((rows, age)) = relay_backlog(&state).await {
@@ -73,6 +78,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body: Value =
         json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks});
     (status, Json(body))
+}
+
+/// `GET /v1/log-key`: the public key that verifies the log's signatures (no token: an
+/// auditor needs nothing secret).
+pub async fn log_key(State(state): State<AppState>) -> impl IntoResponse {
+    Json(json!({
+        "algorithm": keyledger_events::signature::ALGORITHM,
+        "public_key": state.log_key.to_base64(),
+    }))
 }
 
 /// Every metric, with the gauges that live in the database read now.

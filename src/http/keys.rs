@@ -3,6 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use keyledger_events::Command;
@@ -16,6 +17,7 @@ use super::AppState;
 use crate::domain::AccountId;
 use crate::handler::{Outcome, Request, Status};
 use crate::keyring::{KeyFacts, KeyringError};
+use crate::tokens::Caller;
 
 #[derive(Deserialize)]
 pub struct GenerateBody {
@@ -103,6 +105,7 @@ fn key_id(raw: &str) -> Result<Uuid, ApiError> {
 
 async fn run(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     account_id: AccountId,
     command: Command,
@@ -113,8 +116,9 @@ async fn run(
         .execute(Request {
             account_id,
             command_id,
-            issued_by: "http".into(),
+            actor: caller.name.clone(),
             command,
+            reply_key: None,
         })
         .await?;
     Ok(outcome)
@@ -159,6 +163,7 @@ fn created(outcome: Outcome, now: DateTime<Utc>) -> Result<Response, ApiError> {
 
 pub async fn generate(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(account_id): Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<GenerateBody>,
@@ -169,7 +174,7 @@ pub async fn generate(
         contacts: body.contacts,
         login_email: body.login_email,
     };
-    let outcome = run(&state, &headers, account_id, command).await?;
+    let outcome = run(&state, &caller, &headers, account_id, command).await?;
     created(outcome, state.clock.now())
 }
 
@@ -186,6 +191,7 @@ pub async fn list(
 
 pub async fn update_contacts(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((account_id, key)): Path<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ContactsBody>,
@@ -196,7 +202,7 @@ pub async fn update_contacts(
         key_id,
         contacts: body.contacts,
     };
-    let outcome = run(&state, &headers, account_id, command).await?;
+    let outcome = run(&state, &caller, &headers, account_id, command).await?;
     // The row as the command left it (the listing table may be fed asynchronously).
     let view = key_view(&outcome, state.clock.now())?;
     Ok(Json(RowView {
@@ -213,17 +219,26 @@ pub async fn update_contacts(
 
 pub async fn revoke(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((account_id, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let account_id = account(&account_id)?;
     let key_id = key_id(&key)?;
-    run(&state, &headers, account_id, Command::RevokeKey { key_id }).await?;
+    run(
+        &state,
+        &caller,
+        &headers,
+        account_id,
+        Command::RevokeKey { key_id },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub async fn rotate(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((account_id, key)): Path<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RotateBody>,
@@ -235,12 +250,13 @@ pub async fn rotate(
         label: body.label,
         grace_seconds: body.grace_seconds,
     };
-    let outcome = run(&state, &headers, account_id, command).await?;
+    let outcome = run(&state, &caller, &headers, account_id, command).await?;
     created(outcome, state.clock.now())
 }
 
 pub async fn migrate_legacy(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(account_id): Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<LegacyBody>,
@@ -251,6 +267,6 @@ pub async fn migrate_legacy(
         legacy_hash: body.legacy_hash,
         created_at: body.created_at,
     };
-    let outcome = run(&state, &headers, account_id, command).await?;
+    let outcome = run(&state, &caller, &headers, account_id, command).await?;
     created(outcome, state.clock.now())
 }

@@ -23,6 +23,7 @@ use crate::domain::Clock;
 use crate::handler::CommandHandler;
 use crate::read_side::ReadSide;
 use crate::store::Store;
+use crate::tokens::Role;
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -35,7 +36,12 @@ pub struct Services {
     pub read_side: Arc<ReadSide>,
     pub store: Arc<Store>,
     pub clock: Arc<dyn Clock>,
-    pub token_hash: blake3::Hash,
+    /// The API tokens and their roles (re-read when the tokens file changes).
+    pub tokens: crate::tokens::Tokens,
+    /// The public half of the key that signs the log.
+    pub log_key: keyledger_events::signature::LogKey,
+    /// The rationed slow path of migrated legacy keys.
+    pub legacy: crate::read_side::legacy::LegacyGate,
     pub saga: Arc<crate::reminders::saga::Saga>,
     /// Consumers that stopped because the log no longer holds what they must read.
     pub halts: crate::kafka::halt::Halts,
@@ -46,11 +52,18 @@ pub struct Services {
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// No token: probes, scrapers.
+    /// No token: probes, scrapers, the log's public key.
     Open,
-    /// A bearer token.
-    Token,
+    /// A token of one of these roles (an admin token may call everything).
+    Roles(&'static [Role]),
 }
+
+/// The roles of each kind of route (`CONTRACT.md`, "Scoped tokens").
+const KEY_COMMANDS: Access = Access::Roles(&[Role::Issuer]);
+const READS: Access = Access::Roles(&[Role::Issuer, Role::Reader]);
+const VERIFY: Access = Access::Roles(&[Role::Verifier]);
+const ANY_TOKEN: Access =
+    Access::Roles(&[Role::Issuer, Role::Reader, Role::Verifier, Role::Reporter]);
 
 /// One route: a method on a path, its handler, who may call it.
 pub struct Route {
@@ -85,35 +98,36 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/healthz", get(healthz), Open),
         route(Method::GET, "/readyz", get(health::readyz), Open),
         route(Method::GET, "/metrics", get(health::metrics), Open),
-        route(Method::POST, KEYS, post(keys::generate), Token),
-        route(Method::GET, KEYS, get(keys::list), Token),
+        route(Method::POST, KEYS, post(keys::generate), KEY_COMMANDS),
+        route(Method::GET, KEYS, get(keys::list), READS),
         route(
             Method::PUT,
             "/v1/accounts/{account_id}/keys/{key_id}/contacts",
             put(keys::update_contacts),
-            Token,
+            KEY_COMMANDS,
         ),
-        route(Method::DELETE, KEY, delete(keys::revoke), Token),
+        route(Method::DELETE, KEY, delete(keys::revoke), KEY_COMMANDS),
         route(
             Method::POST,
             "/v1/accounts/{account_id}/keys/{key_id}/rotate",
             post(keys::rotate),
-            Token,
+            KEY_COMMANDS,
         ),
         route(
             Method::POST,
             "/v1/accounts/{account_id}/legacy-key",
             post(keys::migrate_legacy),
-            Token,
+            KEY_COMMANDS,
         ),
-        route(Method::POST, "/v1/verify", post(verify::verify), Token),
+        route(Method::POST, "/v1/verify", post(verify::verify), VERIFY),
         route(
             Method::GET,
             "/v1/reminders",
             get(reminders::upcoming),
-            Token,
+            READS,
         ),
-        route(Method::GET, "/openapi.yaml", get(openapi), Token),
+        route(Method::GET, "/openapi.yaml", get(openapi), ANY_TOKEN),
+        route(Method::GET, "/v1/log-key", get(health::log_key), Open),
     ]
 }
 
@@ -147,9 +161,13 @@ pub struct Gate {
     state: AppState,
 }
 
-/// Builds the HTTP service.
-pub fn service(state: AppState) -> Gate {
-    let routes = routes();
+/// Builds the HTTP service; with `metrics_elsewhere`, `/metrics` is left to
+/// [`metrics_service`] on a listener of its own.
+pub fn service(state: AppState, metrics_elsewhere: bool) -> Gate {
+    let routes: Vec<Route> = routes()
+        .into_iter()
+        .filter(|r| !(metrics_elsewhere && r.path == "/metrics"))
+        .collect();
     let mut table: Vec<(&'static str, Vec<(Method, Access)>)> = Vec::new();
     for r in &routes {
         match table.iter_mut().find(|(p, _)| *p == r.path) {
@@ -167,6 +185,14 @@ pub fn service(state: AppState) -> Gate {
         access: Arc::new(access),
         state,
     }
+}
+
+/// `/metrics` alone, for its own listener (`KEYLEDGER_METRICS_LISTEN`).
+pub fn metrics_service(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .with_state(state)
 }
 
 impl Gate {
@@ -197,17 +223,21 @@ impl tower::Service<axum::extract::Request> for Gate {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
-        let allowed = match self.access(req.method(), req.uri().path()) {
-            Some(Access::Open) | None => true,
-            Some(Access::Token) => extract::token_matches(req.headers(), &self.state),
+    fn call(&mut self, mut req: axum::extract::Request) -> Self::Future {
+        let refused = match self.access(req.method(), req.uri().path()) {
+            Some(Access::Open) | None => None,
+            Some(Access::Roles(roles)) => match extract::caller(req.headers(), &self.state) {
+                None => Some(ApiError::unauthorized()),
+                Some(caller) if caller.role == Role::Admin || roles.contains(&caller.role) => {
+                    req.extensions_mut().insert(caller);
+                    None
+                }
+                Some(caller) => Some(ApiError::forbidden(caller.role)),
+            },
         };
-        if allowed {
-            futures::future::Either::Right(tower::Service::call(&mut self.router, req))
-        } else {
-            futures::future::Either::Left(std::future::ready(Ok(
-                ApiError::unauthorized().into_response()
-            )))
+        match refused {
+            None => futures::future::Either::Right(tower::Service::call(&mut self.router, req)),
+            Some(e) => futures::future::Either::Left(std::future::ready(Ok(e.into_response()))),
         }
     }
 }

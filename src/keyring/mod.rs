@@ -355,7 +355,9 @@ impl Keyring {
                 stage,
                 skipping,
             } => {
-                if !(1..=366).contains(stage) {
+                // Only the configured stages: a forged command must not make the notifier
+                // mail a key's contacts once per day of its life.
+                if !policy.reminder_stages.contains(stage) {
                     return Err(KeyringError::InvalidStage);
                 }
                 let key = self.existing(*key_id)?;
@@ -377,7 +379,11 @@ impl Keyring {
                 let mut skipped: Vec<u32> = skipping
                     .iter()
                     .copied()
-                    .filter(|s| *s > *stage && !key.reminders_sent.contains(s))
+                    .filter(|s| {
+                        *s > *stage
+                            && policy.reminder_stages.contains(s)
+                            && !key.reminders_sent.contains(s)
+                    })
                     .collect();
                 skipped.sort_unstable_by(|a, b| b.cmp(a));
                 skipped.dedup();

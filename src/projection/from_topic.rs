@@ -4,11 +4,15 @@
 //! ([`crate::kafka::group`]); records are gathered into batches (grouped by account, each
 //! account's in order, repeats of a republished record dropped) and applied with
 //! [`super::apply`], which records the next offsets in the same transaction as the effect.
+//! A record the log's key does not vouch for ([`Vouch`]) is never applied: it goes to the
+//! dead letters with the reason, is counted, and consumption goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyledger_events::decode_event;
+use base64::Engine;
+use keyledger_events::signature::LogKey;
+use keyledger_events::{decode_event, DeadLetter, DecodedEvent};
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -16,11 +20,86 @@ use tokio::sync::watch;
 use super::{apply, Offsets, Projection};
 use crate::kafka::group::{note_offset, Group};
 use crate::kafka::halt::Halts;
+use crate::kafka::publisher::Publisher;
 use crate::kafka::{supervise, BusConfig, BusError};
 use crate::store::{group_by_account, Store, StoredRecord};
 
 /// How long a batch may gather records after its first.
 const GATHER: Duration = Duration::from_millis(10);
+
+/// What a consumer of the events topic checks every record against: the log's public key,
+/// and where a record it refuses goes.
+#[derive(Clone)]
+pub struct Vouch {
+    pub key: LogKey,
+    pub dead_letters: Publisher,
+    pub topic: String,
+}
+
+impl Vouch {
+    pub fn new(bus: &BusConfig, key: LogKey) -> Result<Self, BusError> {
+        Ok(Self {
+            key,
+            dead_letters: Publisher::new(bus, 5)?,
+            topic: bus.dead_letters_topic(),
+        })
+    }
+
+    /// Whether `decoded` (read from `message`) is one keyledger wrote; a refused record is
+    /// dead-lettered (retried until the broker has it) and counted.
+    pub async fn check<M: Message>(
+        &self,
+        consumer: &str,
+        decoded: &DecodedEvent,
+        message: &M,
+    ) -> bool {
+        let Err(why) = decoded.vouched_for(&self.key) else {
+            return true;
+        };
+        self.refuse(consumer, &format!("forged: {why}"), message)
+            .await;
+        false
+    }
+
+    /// Sends `message` to the dead letters with `reason`.
+    pub async fn refuse<M: Message>(&self, consumer: &str, reason: &str, message: &M) {
+        tracing::error!(
+            consumer,
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "a record on the events topic is refused"
+        );
+        crate::metrics::metrics().count(
+            "keyledger_events_refused_total",
+            &[("consumer", consumer)],
+            1,
+        );
+        let raw = message.payload().unwrap_or_default();
+        let letter = DeadLetter {
+            reason: format!("{consumer} refused it: {reason}"),
+            original: base64::engine::general_purpose::STANDARD
+                .encode(&raw[..raw.len().min(64 * 1024)]),
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        let bytes = serde_json::to_vec(&letter).unwrap_or_default();
+        let key = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = self
+            .dead_letters
+            .send(&self.topic, key.as_deref(), &bytes)
+            .await
+        {
+            tracing::warn!(error = %e, "dead letter not published yet; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
 
 /// Feeds `projections` (in one transaction per batch) from the events topic as consumer
 /// group `group`, until stopped, through outages; an offset the log lost halts it.
@@ -31,19 +110,21 @@ pub async fn follow(
     store: Arc<Store>,
     pool: PgPool,
     halts: Halts,
+    vouch: Vouch,
     stop: watch::Receiver<bool>,
 ) {
     let topic = bus.events_topic();
     let group = group.as_str();
     supervise(group, &halts, stop, |s| {
-        let (projections, store, topic, halts, bus, pool) =
-            (&projections, &store, &topic, &halts, &bus, &pool);
+        let (projections, store, topic, halts, bus, pool, vouch) =
+            (&projections, &store, &topic, &halts, &bus, &pool, &vouch);
         async move {
             consume_batches(
                 bus,
                 pool,
                 group,
                 halts,
+                vouch,
                 bus.projector_batch,
                 s,
                 |batch, next| async move {
@@ -66,11 +147,13 @@ pub async fn follow(
 /// Consumes the events topic in `group`, handing each batch to `apply`, which must make its
 /// effect and store the offsets in one transaction. A batch gathers for at most [`GATHER`]
 /// after its first record.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume_batches<F, Fut>(
     bus: &BusConfig,
     pool: &PgPool,
     group: &str,
     halts: &Halts,
+    vouch: &Vouch,
     batch: usize,
     mut stop: watch::Receiver<bool>,
     mut apply: F,
@@ -105,15 +188,17 @@ where
         for m in &messages {
             note_offset(&mut next, m);
             match decode_event(m.payload().unwrap_or_default()) {
-                Ok(d) => records.push(StoredRecord {
-                    account_id: d.account_id,
-                    sequence: d.sequence,
-                    event: d.event,
-                    chain: Some(d.chain),
-                }),
-                Err(e) => {
-                    tracing::error!(group, partition = m.partition(), offset = m.offset(), error = %e, "unreadable record on the events topic; skipped")
+                Ok(d) => {
+                    if vouch.check(group, &d, m).await {
+                        records.push(StoredRecord {
+                            chain: Some(d.chain),
+                            signature: d.signature,
+                            actor: d.actor,
+                            ..StoredRecord::bare(&d.account_id, d.sequence, d.event)
+                        });
+                    }
                 }
+                Err(e) => vouch.refuse(group, &format!("unreadable: {e}"), m).await,
             }
         }
         let mut by_account = group_by_account(records);

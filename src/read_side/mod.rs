@@ -11,6 +11,7 @@
 //! and at shutdown ([`ReadSide::keep_snapshots`]).
 
 pub mod index;
+pub mod legacy;
 pub mod listing;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,6 +95,8 @@ pub struct ReadSide {
     listing_in_process: AtomicBool,
     /// Events applied to the index since start (to know when a snapshot is worth it).
     changes: AtomicU64,
+    /// Legacy keys migrated since start (a remembered legacy miss may match one of them).
+    legacy_migrations: AtomicU64,
 }
 
 impl ReadSide {
@@ -106,6 +109,7 @@ impl ReadSide {
             legacy_salt: None,
             listing_in_process: true.into(),
             changes: AtomicU64::new(0),
+            legacy_migrations: AtomicU64::new(0),
         }
     }
 
@@ -122,6 +126,7 @@ impl ReadSide {
             legacy_salt: None,
             listing_in_process: true.into(),
             changes: AtomicU64::new(0),
+            legacy_migrations: AtomicU64::new(0),
         }
     }
 
@@ -131,13 +136,29 @@ impl ReadSide {
         self
     }
 
-    /// Whether `presented` is unknown to the fast path but could be a migrated legacy key
-    /// (same username) — then [`ReadSide::verify_legacy`] decides, off the async threads.
-    pub fn needs_legacy_check(&self, presented: &str) -> bool {
+    /// Whether migrated legacy keys may verify here (Postman's salt is configured): then an
+    /// unknown well-formed key goes through [`legacy::LegacyGate`].
+    pub fn legacy_enabled(&self) -> bool {
+        self.legacy_salt.is_some()
+    }
+
+    /// The keyed hash of a well-formed presented key.
+    pub fn keyed_hash(&self, presented: &str) -> Option<[u8; 32]> {
+        PresentedKey::parse(presented)
+            .ok()
+            .map(|k| self.hasher.hash(k.as_str()))
+    }
+
+    /// Whether `presented`'s username has a legacy key that is neither revoked nor expired.
+    pub fn has_live_legacy_candidate(&self, presented: &str, now: DateTime<Utc>) -> bool {
         let Ok(key) = PresentedKey::parse(presented) else {
             return false;
         };
-        self.legacy_salt.is_some() && !self.index().legacy_candidates(key.username()).is_empty()
+        let index = self.index();
+        index
+            .legacy_candidates(key.username())
+            .iter()
+            .any(|c| matches!(index.judge_legacy(c, now), Lookup::Valid(_)))
     }
 
     /// The slow path for migrated legacy keys: bcrypt of the secret part under the fixed
@@ -156,7 +177,15 @@ impl ReadSide {
         let Some(salt) = self.legacy_salt.as_deref() else {
             return Err(Rejection::Unknown);
         };
-        let candidates = self.index().legacy_candidates(key.username()).to_vec();
+        let candidates: Vec<_> = {
+            let index = self.index();
+            index
+                .legacy_candidates(key.username())
+                .iter()
+                .filter(|c| matches!(index.judge_legacy(c, now), Lookup::Valid(_)))
+                .cloned()
+                .collect()
+        };
         for candidate in candidates {
             let tail = candidate.legacy_hash.rsplit('_').next().unwrap_or_default();
             if bcrypt::verify(key.secret(), &format!("{salt}{tail}")).unwrap_or(false) {
@@ -187,6 +216,7 @@ impl ReadSide {
     ) {
         if self.index_mut().apply(account_id, sequence, event) {
             self.changes.fetch_add(1, Ordering::Relaxed);
+            self.note_legacy(event);
         }
     }
 
@@ -357,10 +387,24 @@ impl ReadSide {
         let mut index = self.index_mut();
         let mut applied = 0;
         for r in records {
-            applied += u64::from(index.apply(account_id, r.sequence, &r.event));
+            if index.apply(account_id, r.sequence, &r.event) {
+                applied += 1;
+                self.note_legacy(&r.event);
+            }
         }
         self.changes.fetch_add(applied, Ordering::Relaxed);
         applied
+    }
+
+    fn note_legacy(&self, event: &keyledger_events::KeyringEvent) {
+        if matches!(event, keyledger_events::KeyringEvent::LegacyKeyMigrated(_)) {
+            self.legacy_migrations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many legacy keys were migrated since start.
+    pub fn legacy_migrations(&self) -> u64 {
+        self.legacy_migrations.load(Ordering::Relaxed)
     }
 
     /// Brings one account up to date from the store (after another instance wrote to it).

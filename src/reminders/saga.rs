@@ -161,8 +161,9 @@ impl Firing {
             let request = Request {
                 account_id,
                 command_id,
-                issued_by: "reminder-saga".into(),
+                actor: "saga".into(),
                 command,
+                reply_key: None,
             };
             issued += 1;
             match self.handler.execute(request).await {

@@ -34,7 +34,70 @@ pub struct StoredRecord {
     pub event: KeyringEvent,
     /// The event's hash-chain value (hex) as recorded with it, when known.
     pub chain: Option<String>,
+    /// Its signature (base64) as recorded with it, when known.
+    pub signature: Option<String>,
+    /// Who issued the command that caused it.
+    pub actor: Option<String>,
+    /// That command's id and what the log keeps about it (from the store; not carried on
+    /// the topic).
+    pub command: Option<(uuid::Uuid, CommandRecord)>,
 }
+
+impl StoredRecord {
+    /// A record of `event` with nothing recorded beside it.
+    pub fn bare(account_id: &str, sequence: u64, event: KeyringEvent) -> Self {
+        Self {
+            account_id: account_id.to_owned(),
+            sequence,
+            event,
+            chain: None,
+            signature: None,
+            actor: None,
+            command: None,
+        }
+    }
+}
+
+/// What the log keeps about a command beside its events (in their metadata).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandRecord {
+    /// BLAKE3 (hex) of the command as received: a reused command id with another command
+    /// is refused.
+    pub fingerprint: Option<String>,
+    /// The new key sealed to the sender's public key (bus), answered again to a redelivery.
+    pub sealed_api_key: Option<String>,
+}
+
+/// Metadata keys of a commit.
+pub mod metadata {
+    pub const COMMAND_ID: &str = "command_id";
+    pub const ACTOR: &str = "actor";
+    /// Before actors were recorded: the sender's own name.
+    pub const ISSUED_BY: &str = "issued_by";
+    pub const FINGERPRINT: &str = "command_fingerprint";
+    pub const SEALED_API_KEY: &str = "sealed_api_key";
+}
+
+impl CommandRecord {
+    fn of(metadata: &HashMap<String, String>) -> Option<(uuid::Uuid, Self)> {
+        let id = metadata.get(metadata::COMMAND_ID)?.parse().ok()?;
+        Some((
+            id,
+            Self {
+                fingerprint: metadata.get(metadata::FINGERPRINT).cloned(),
+                sealed_api_key: metadata.get(metadata::SEALED_API_KEY).cloned(),
+            },
+        ))
+    }
+}
+
+/// A keyring as loaded: ready for a command, with its stream's chain head and what the log
+/// keeps about each command it handled.
+pub type LoadedKeyring = (
+    EventStoreAggregateContext<Keyring>,
+    [u8; 32],
+    HashMap<uuid::Uuid, CommandRecord>,
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -209,11 +272,9 @@ impl Store {
     }
 
     /// The keyring of `account_id`, ready for a command, with the chain value of its last
-    /// event (as recorded in that event's metadata; recomputed where none was recorded).
-    pub async fn load_with_chain(
-        &self,
-        account_id: &str,
-    ) -> AggregateResult<(EventStoreAggregateContext<Keyring>, [u8; 32])> {
+    /// event (as recorded in that event's metadata; recomputed where none was recorded) and
+    /// the record of each command it handled.
+    pub async fn load_with_chain(&self, account_id: &str) -> AggregateResult<LoadedKeyring> {
         use cqrs_es::Aggregate;
         let envelopes = match &self.backend {
             Backend::Postgres { events, .. } => events.load_events(account_id).await?,
@@ -226,14 +287,16 @@ impl Store {
             current_snapshot: None,
         };
         let mut head = chain::GENESIS;
+        let mut commands = HashMap::new();
         for e in envelopes {
             let sequence = e.sequence as u64;
             head = chain::recorded(&e.metadata, sequence)
                 .unwrap_or_else(|| chain::next(&head, account_id, sequence, &e.payload.0));
+            commands.extend(CommandRecord::of(&e.metadata));
             context.aggregate.apply(e.payload);
             context.current_sequence = e.sequence;
         }
-        Ok((context, head))
+        Ok((context, head, commands))
     }
 
     pub async fn commit(
@@ -477,12 +540,17 @@ fn decode(
     })?;
     let metadata: HashMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
     let sequence = sequence.max(0) as u64;
-    let chain = chain::recorded(&metadata, sequence).map(|c| chain::to_hex(&c));
     Ok(StoredRecord {
         account_id,
         sequence,
+        chain: chain::recorded(&metadata, sequence).map(|c| chain::to_hex(&c)),
+        signature: chain::recorded_signature(&metadata, sequence).map(str::to_owned),
+        actor: metadata
+            .get(metadata::ACTOR)
+            .or_else(|| metadata.get(metadata::ISSUED_BY))
+            .cloned(),
+        command: CommandRecord::of(&metadata),
         event,
-        chain,
     })
 }
 

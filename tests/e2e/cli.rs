@@ -11,7 +11,8 @@ use crate::common::{Backing, TestApp, LOGIN, TOKEN};
 async fn keyledger(app: &TestApp, args: &[&str], stdin: Option<&str>) -> (bool, Value, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyledger"))
         .arg("keys")
-        .args(["--server", &app.url(""), "--token", TOKEN])
+        .args(["--server", &app.url("")])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

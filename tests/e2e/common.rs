@@ -20,6 +20,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
+/// The base64 of a 32-byte Ed25519 seed, signing every test's log.
+pub const SIGNING_KEY: &str = "dGVzdC1zaWduaW5nLWtleS0wMTIzNDU2Nzg5YWJjZGU=";
 pub const PEPPER: &str = "test-pepper-0123456789abcdef0123456789abcdef";
 pub const LOGIN: &str = "john.doe@agency.gov.sg";
 
@@ -134,10 +136,14 @@ pub fn settings_with(
         database_url,
         pepper: Some(PEPPER.into()),
         api_token: Some(TOKEN.into()),
+        tokens_file: None,
+        signing_key: Some(SIGNING_KEY.into()),
+        metrics_listen: None,
         policy,
         default_from: Some("donotreply@mail.postman.gov.sg".into()),
         max_db_connections: 8,
         legacy_salt: None,
+        legacy_checks_per_second: 0.0,
         bus,
         roles,
         reminders: Default::default(),

@@ -52,6 +52,7 @@ async fn keyledger_refuses_an_events_topic_that_expires_its_events() {
             .env("KEYLEDGER_DATABASE_URL", &url)
             .env("KEYLEDGER_PEPPER", PEPPER)
             .env("KEYLEDGER_API_TOKEN", TOKEN)
+            .env("KEYLEDGER_SIGNING_KEY", crate::common::SIGNING_KEY)
             .env("KEYLEDGER_KAFKA_BROKERS", &bus.brokers)
             .env("KEYLEDGER_TOPIC_PREFIX", &bus.topic_prefix)
             .env("KEYLEDGER_LISTEN", "127.0.0.1:0")

@@ -130,6 +130,7 @@ pub async fn spawn_process_env(
         .env("KEYLEDGER_DATABASE_URL", database_url)
         .env("KEYLEDGER_PEPPER", PEPPER)
         .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .env("KEYLEDGER_SIGNING_KEY", crate::common::SIGNING_KEY)
         .env("KEYLEDGER_KAFKA_BROKERS", &bus.brokers)
         .env("KEYLEDGER_TOPIC_PREFIX", &bus.topic_prefix)
         .env("KEYLEDGER_KAFKA_PARTITIONS", bus.partitions.to_string())

@@ -21,7 +21,8 @@ async fn migrate_legacy(
         .args(extra)
         .arg("--input")
         .arg(input)
-        .args(["--server", &format!("http://{addr}"), "--token", TOKEN])
+        .args(["--server", &format!("http://{addr}")])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
         .output()
         .await
         .expect("runs");

@@ -8,7 +8,7 @@ use keyledger_events::{Command, CommandEnvelope, KeyGenerated, KeyringEvent};
 use proptest::prelude::*;
 use uuid::Uuid;
 
-use keyledger::bus::seal;
+use keyledger::domain::seal;
 use keyledger::domain::{mint_key, AccountId, KeyHasher, LoginEmail, Policy};
 use keyledger::keyring::{Keyring, KeyringCommand, NewKeyMaterial};
 use keyledger::read_side::{ReadSide, Rejection};

@@ -199,7 +199,7 @@ pub async fn load(s: DrillSettings) -> anyhow::Result<(Value, bool)> {
     // The verdict on the store: exactly one effect per accepted command, none otherwise.
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT metadata->>'command_id', count(*) FROM events \
-         WHERE metadata->>'issued_by' = 'drill' GROUP BY 1",
+         WHERE metadata->>'actor' = 'bus:drill' GROUP BY 1",
     )
     .fetch_all(&pool)
     .await?;

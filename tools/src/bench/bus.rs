@@ -284,14 +284,18 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     eprintln!("writing {events} events to {topic}…");
     let started = Instant::now();
     let mut chain_head = keyledger_events::chain::GENESIS;
+    let signer =
+        keyledger::domain::LogSigner::from_base64(&keyledger::domain::LogSigner::generate_seed())?;
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..events {
         let (account, sequence, event) = super::synthetic_key(&hasher, i, now);
         if sequence == 1 {
             chain_head = keyledger_events::chain::GENESIS;
         }
+        let previous = chain_head;
         chain_head = keyledger_events::chain::next(&chain_head, &account, sequence, &event);
-        let envelope = EventEnvelope::of(&account, sequence, &event, &chain_head);
+        let mut envelope = EventEnvelope::of(&account, sequence, &event, &previous, &chain_head);
+        envelope.signature = Some(signer.sign(&chain_head));
         let bytes = serde_json::to_vec(&envelope)?;
         // Enqueued here, in order (per account order is what the audit checks).
         loop {
@@ -324,6 +328,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
     }
     let written = started.elapsed().as_secs_f64();
     eprintln!("written in {written:.1} s; bare consumer…");
+    let public_key = signer.public_key();
     let (bare, audited) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, (f64, u64, usize))> {
             let consumer: BaseConsumer = bus.reader(&topic, &[])?;
@@ -344,6 +349,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
                 until: None,
                 validity_months: 6,
                 print_listing: false,
+                public_key: Some(public_key),
             };
             let started = Instant::now();
             let auditor = keyledger::audit::from_kafka(&bus, opts)?;

@@ -84,6 +84,10 @@ async fn start(
         .env_remove("KEYLEDGER_DATABASE_URL")
         .env("KEYLEDGER_PEPPER", PEPPER)
         .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .env(
+            "KEYLEDGER_SIGNING_KEY",
+            "YmVuY2gtcmVzdGFydC1zaWduaW5nLWtleS0wMDAwMDA=",
+        )
         .env("KEYLEDGER_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "RUST_LOG",

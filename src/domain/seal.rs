@@ -15,17 +15,28 @@ pub enum SealError {
     Missing,
     #[error("reply_public_key must be 32 bytes of standard base64 (an X25519 public key)")]
     Invalid,
+    #[error(
+        "reply_public_key is a small-order point: a box sealed to it would be readable by anyone"
+    )]
+    SmallOrder,
     #[error("sealing failed")]
     Seal,
 }
 
-/// Parses a base64 X25519 public key.
+/// Parses a base64 X25519 public key, refusing the small-order points (all zeros and the
+/// like), to which a sealed box would be encrypted under a shared secret anyone can compute.
 pub fn parse_public_key(b64: Option<&str>) -> Result<PublicKey, SealError> {
     let b64 = b64.ok_or(SealError::Missing)?;
     let bytes = STANDARD
         .decode(b64.trim())
         .map_err(|_| SealError::Invalid)?;
     let bytes: [u8; 32] = bytes.try_into().map_err(|_| SealError::Invalid)?;
+    let point = curve25519_dalek::montgomery::MontgomeryPoint(bytes);
+    // A point on the curve whose order divides the cofactor; twist points are not, and
+    // libsodium accepts them too.
+    if point.to_edwards(0).is_some_and(|p| p.is_small_order()) {
+        return Err(SealError::SmallOrder);
+    }
     Ok(PublicKey::from(bytes))
 }
 
@@ -56,5 +67,19 @@ mod tests {
             parse_public_key(Some("AAAA")).err(),
             Some(SealError::Invalid)
         );
+        // All zeros, one, and an order-8 point: refused.
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        let order8: [u8; 32] = [
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
+            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
+            0x5f, 0x49, 0xb8, 0x00,
+        ];
+        for bad in [[0u8; 32], one, order8] {
+            assert_eq!(
+                parse_public_key(Some(&STANDARD.encode(bad))).err(),
+                Some(SealError::SmallOrder)
+            );
+        }
     }
 }

@@ -1,0 +1,172 @@
+//! The slow path for migrated legacy keys, made safe to leave open to anyone.
+//!
+//! A legacy key verifies by Postman's scheme: bcrypt of its secret under a fixed salt,
+//! tens of milliseconds of CPU. Left as is, anyone could burn a core per request with
+//! made-up keys of a username that has a legacy key, and the response time would tell
+//! which usernames have one. So:
+//! - only *live* candidates are tried (a revoked or expired legacy key costs nothing);
+//! - bcrypt runs one at a time and at most `rate` times a second; past that the key is
+//!   answered unknown (a legitimate legacy caller retries; legacy keys are on their way
+//!   out anyway);
+//! - a miss is remembered (by its keyed hash), so the same wrong key costs one bcrypt;
+//! - every unknown key of a well-formed shape takes about as long as a bcrypt would — an
+//!   async wait, no CPU — whether or not one ran, so timing reveals nothing.
+//!
+//! Ordinary keys never come here: the fast path answers them first.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Semaphore;
+
+use super::{ReadSide, Rejection, VerifyOutcome};
+
+/// Most misses remembered (then the memory is cleared and starts again).
+const MISSES_KEPT: usize = 100_000;
+/// What an unknown key's answer waits for before any bcrypt was measured.
+const TYPICAL_BCRYPT: Duration = Duration::from_millis(60);
+
+pub struct LegacyGate {
+    one_at_a_time: Semaphore,
+    /// (tokens, when last refilled) of the rate limit.
+    bucket: Mutex<(f64, Instant)>,
+    per_second: f64,
+    /// Keyed hashes that matched no legacy key, and the read side's count of legacy
+    /// migrations when they were remembered (a new one clears them).
+    misses: Mutex<(HashSet<[u8; 32]>, u64)>,
+    /// A moving average of bcrypt's duration, in microseconds.
+    typical_micros: Mutex<f64>,
+}
+
+impl LegacyGate {
+    pub fn new(per_second: f64) -> Self {
+        let per_second = per_second.max(0.1);
+        Self {
+            one_at_a_time: Semaphore::new(1),
+            bucket: Mutex::new((per_second, Instant::now())),
+            per_second,
+            misses: Mutex::new((HashSet::new(), 0)),
+            typical_micros: Mutex::new(TYPICAL_BCRYPT.as_micros() as f64),
+        }
+    }
+
+    fn take_token(&self) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(b.1).as_secs_f64() * self.per_second;
+        b.0 = (b.0 + refill).min(self.per_second);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn typical(&self) -> Duration {
+        let micros = *self
+            .typical_micros
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Duration::from_micros(micros as u64)
+    }
+
+    fn measured(&self, took: Duration) {
+        let mut t = self
+            .typical_micros
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *t = 0.8 * *t + 0.2 * took.as_micros() as f64;
+    }
+
+    fn missed(&self, hash: [u8; 32]) {
+        let mut m = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        if m.0.len() >= MISSES_KEPT {
+            m.0.clear();
+        }
+        m.0.insert(hash);
+    }
+
+    /// Whether `hash` missed before, since the last legacy migration.
+    fn missed_before(&self, hash: &[u8; 32], migrations: u64) -> bool {
+        let mut m = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        if m.1 != migrations {
+            m.0.clear();
+            m.1 = migrations;
+        }
+        m.0.contains(hash)
+    }
+
+    /// Decides a well-formed key the fast path does not know: valid through a live legacy
+    /// candidate, else unknown — in about the time of a bcrypt either way.
+    pub async fn verify(
+        &self,
+        read_side: Arc<ReadSide>,
+        presented: String,
+        from: Option<String>,
+        now: DateTime<Utc>,
+    ) -> VerifyOutcome {
+        let started = Instant::now();
+        let outcome = self.decide(read_side, presented, from, now).await;
+        if outcome.is_err() {
+            let wait = self.typical().saturating_sub(started.elapsed());
+            tokio::time::sleep(wait).await;
+        }
+        outcome
+    }
+
+    async fn decide(
+        &self,
+        read_side: Arc<ReadSide>,
+        presented: String,
+        from: Option<String>,
+        now: DateTime<Utc>,
+    ) -> VerifyOutcome {
+        let Some(hash) = read_side.keyed_hash(&presented) else {
+            return Err(Rejection::Malformed);
+        };
+        if self.missed_before(&hash, read_side.legacy_migrations())
+            || !read_side.has_live_legacy_candidate(&presented, now)
+        {
+            return Err(Rejection::Unknown);
+        }
+        let Ok(_turn) = self.one_at_a_time.try_acquire() else {
+            crate::metrics::metrics().count(
+                "keyledger_legacy_checks_total",
+                &[("outcome", "busy")],
+                1,
+            );
+            return Err(Rejection::Unknown);
+        };
+        if !self.take_token() {
+            crate::metrics::metrics().count(
+                "keyledger_legacy_checks_total",
+                &[("outcome", "limited")],
+                1,
+            );
+            return Err(Rejection::Unknown);
+        }
+        let bcrypt_started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            read_side.verify_legacy(&presented, from.as_deref(), now)
+        })
+        .await
+        .unwrap_or(Err(Rejection::Unknown));
+        self.measured(bcrypt_started.elapsed());
+        crate::metrics::metrics().count(
+            "keyledger_legacy_checks_total",
+            &[(
+                "outcome",
+                if outcome.is_ok() { "matched" } else { "missed" },
+            )],
+            1,
+        );
+        if outcome.is_err() {
+            self.missed(hash);
+        }
+        outcome
+    }
+}
