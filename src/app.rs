@@ -21,10 +21,9 @@ use crate::handler::CommandHandler;
 use crate::http::{AppState, Services};
 use crate::kafka::halt::Halts;
 use crate::kafka::publisher::Publisher;
-use crate::kafka::BusConfig;
 use crate::keyring::KeyringServices;
 use crate::notify::dispatch::{Notifier, NOTIFIER};
-use crate::projection::from_topic::{self, Vouch};
+use crate::projection::from_topic::{self, TopicFeed, Vouch};
 use crate::projection::{from_store, Projection};
 use crate::read_side::listing::ListingTable;
 use crate::read_side::ReadSide;
@@ -67,12 +66,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 /// Where a feed of the log reads from: the events topic (with the bus) or the store.
 #[derive(Clone)]
 enum Source {
-    Topic {
-        bus: BusConfig,
-        pool: sqlx::PgPool,
-        halts: Halts,
-        vouch: Vouch,
-    },
+    Topic(Box<TopicFeed>),
     Store,
 }
 
@@ -101,12 +95,12 @@ impl Application {
                     .await
                     .context("the Kafka topics are not fit for keyledger")?;
                 read_side.leave_listing_to_projector();
-                Source::Topic {
+                Source::Topic(Box::new(TopicFeed {
                     bus: bus.clone(),
                     pool: pool.clone(),
                     halts: halts.clone(),
                     vouch: Vouch::new(bus, signer.public_key())?,
-                }
+                }))
             }
             _ => {
                 if !(roles.http || roles.saga || roles.notifier) {
@@ -124,8 +118,8 @@ impl Application {
             // without it, listening for other instances starts before the catch-up. Either
             // way nothing committed in between is missed.
             let follow_from = match &source {
-                Source::Topic { bus, .. } => {
-                    let (bus, topic) = (bus.clone(), bus.events_topic());
+                Source::Topic(feed) => {
+                    let (bus, topic) = (feed.bus.clone(), feed.bus.events_topic());
                     Some(tokio::task::spawn_blocking(move || bus.end_offsets(&topic)).await??)
                 }
                 Source::Store => None,
@@ -135,7 +129,7 @@ impl Application {
                     .listen()
                     .await
                     .context("cannot LISTEN for other instances' commits")?,
-                Source::Topic { .. } => None,
+                Source::Topic(_) => None,
             };
             // The listing (without the bus) is brought up to date at the same time.
             let heads = store.account_heads().await?;
@@ -157,19 +151,13 @@ impl Application {
                 "verification index ready"
             );
             match (&source, follow_from, listener) {
-                (
-                    Source::Topic {
-                        bus, halts, vouch, ..
-                    },
-                    Some(from),
-                    _,
-                ) => {
+                (Source::Topic(feed), Some(from), _) => {
                     let follower = Follower::new(
-                        bus.clone(),
+                        feed.bus.clone(),
                         read_side.clone(),
                         from,
-                        halts.clone(),
-                        vouch.clone(),
+                        feed.halts.clone(),
+                        feed.vouch.clone(),
                     );
                     tasks.push(tokio::spawn(follower.run(stopped.clone())));
                 }
@@ -207,19 +195,11 @@ impl Application {
         tasks.push(tokio::spawn(tokens.clone().watch(stopped.clone())));
         let feed = |projection: Arc<dyn Projection>, name: &str| -> JoinHandle<()> {
             match &source {
-                Source::Topic {
-                    bus,
-                    pool,
-                    halts,
-                    vouch,
-                } => tokio::spawn(from_topic::follow(
+                Source::Topic(feed) => tokio::spawn(from_topic::follow(
                     name.to_owned(),
                     vec![projection],
-                    bus.clone(),
+                    (**feed).clone(),
                     store.clone(),
-                    pool.clone(),
-                    halts.clone(),
-                    vouch.clone(),
                     stopped.clone(),
                 )),
                 Source::Store => tokio::spawn(from_store::follow(
@@ -236,13 +216,10 @@ impl Application {
                 crate::read_side::listing::LISTING,
             ));
         }
-        if let Source::Topic {
-            bus,
-            pool,
-            halts,
-            vouch,
-        } = &source
-        {
+        if let Source::Topic(feed) = &source {
+            let TopicFeed {
+                bus, pool, halts, ..
+            } = &**feed;
             if roles.commands {
                 let consumer = CommandConsumer::new(
                     bus.clone(),
@@ -265,11 +242,8 @@ impl Application {
             }
             if roles.projector {
                 tasks.push(tokio::spawn(crate::bus::projector::run(
-                    bus.clone(),
+                    (**feed).clone(),
                     store.clone(),
-                    pool.clone(),
-                    halts.clone(),
-                    vouch.clone(),
                     stopped.clone(),
                 )));
             }
@@ -287,9 +261,10 @@ impl Application {
         }
         if roles.notifier {
             let producer = match &source {
-                Source::Topic { bus, .. } => {
-                    Some((Publisher::new(bus, 5)?, bus.notifications_topic()))
-                }
+                Source::Topic(feed) => Some((
+                    Publisher::new(&feed.bus, 5)?,
+                    feed.bus.notifications_topic(),
+                )),
                 Source::Store => None,
             };
             let r = &settings.reminders;
@@ -354,6 +329,13 @@ impl Application {
                 "this process does not serve HTTP",
             )),
         }
+    }
+
+    /// The address of the metrics listener, when `/metrics` has one of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests and lets the

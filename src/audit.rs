@@ -211,8 +211,19 @@ impl Auditor {
                     .is_some_and(|known| *known == c)
             });
             let last = acc.last;
+            let unsigned = self.opts.public_key.as_ref().is_some_and(|key| {
+                let vouched = carried.and_then(chain::from_hex).zip(signature);
+                !vouched.is_some_and(|(c, s)| key.verifies(&c, s))
+            });
             if sequence >= 1 && same {
                 self.duplicates += 1;
+            } else if unsigned {
+                self.find(
+                    "signature",
+                    account,
+                    Some(sequence),
+                    format!("a record for sequence {sequence} (last was {last}) that the log's key did not sign: a forgery"),
+                );
             } else {
                 self.find(
                     "sequence",
@@ -375,8 +386,10 @@ impl Auditor {
 
     fn check_secrets(&mut self, account: &str, seq: u64, event: &KeyringEvent, raw: Option<&[u8]>) {
         let found = match raw {
-            Some(bytes) => contains_plaintext_key(bytes),
-            None => contains_plaintext_key(&serde_json::to_vec(event).unwrap_or_default()),
+            Some(bytes) => crate::domain::api_key::contains_key_shaped(bytes),
+            None => crate::domain::api_key::contains_key_shaped(
+                &serde_json::to_vec(event).unwrap_or_default(),
+            ),
         };
         if found {
             self.find(
@@ -388,7 +401,6 @@ impl Auditor {
         }
     }
 
-    /// Finishes: the rebuilt listing and index digests.
     /// Checks, with the log's public key, the signature of each account's last event: its
     /// chain value covers every event before it (each recomputed here), so one valid
     /// signature vouches for the account's whole history. Batches of 256, one by one only
@@ -424,6 +436,7 @@ impl Auditor {
         }
     }
 
+    /// Finishes: the signatures, then the rebuilt listing and index digests.
     fn finish(mut self, report: &mut AuditReport) -> (Vec<ListingRow>, Vec<String>) {
         self.check_signatures();
         report.events = self.events;
@@ -461,23 +474,6 @@ impl Auditor {
         (rows, index)
     }
 }
-
-/// Whether `bytes` hold something shaped like a key: 1–64 ASCII letters or digits, `_v1_`,
-/// then 44 characters of standard base64. A byte scan, so it is cheap on every event.
-pub fn contains_plaintext_key(bytes: &[u8]) -> bool {
-    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
-    for start in memchr::memmem::find_iter(bytes, b"_v1_") {
-        let has_user = start > 0 && bytes[start - 1].is_ascii_alphanumeric();
-        let secret = &bytes[start + 4..];
-        let long_enough = secret.len() >= 44 && secret[..44].iter().all(|c| b64(*c));
-        let ends_there = secret.get(44).is_none_or(|c| !b64(*c));
-        if has_user && long_enough && ends_there {
-            return true;
-        }
-    }
-    false
-}
-
 fn row_line(r: &ListingRow) -> String {
     format!(
         "{}|{}|{}|{}|{}|{}|{}|{}",

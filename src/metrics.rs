@@ -126,6 +126,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "Keys with a reminder stage or an expiry due now.",
     ),
+    (
+        "keyledger_events_refused_total",
+        "counter",
+        "Records on the events topic a consumer refused (a signature the log's key does not vouch for, or unreadable), by consumer; each is dead-lettered.",
+    ),
+    (
+        "keyledger_relay_stuck_accounts_total",
+        "counter",
+        "Accounts whose next outbox row could not be read; their events are held back (every other account goes on).",
+    ),
+    (
+        "keyledger_legacy_checks_total",
+        "counter",
+        "bcrypt checks of legacy keys, by outcome (valid, miss, busy, limited).",
+    ),
 ];
 
 impl Metrics {

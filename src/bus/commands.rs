@@ -61,6 +61,30 @@ enum Reply {
     DeadLetter(DeadLetter),
 }
 
+/// A dead letter for `message` (its value cut to [`DEAD_LETTER_KEEP`] bytes).
+fn dead_letter<M: Message>(message: &M, reason: String) -> DeadLetter {
+    let raw = message.payload().unwrap_or_default();
+    DeadLetter {
+        reason,
+        original: STANDARD.encode(&raw[..raw.len().min(DEAD_LETTER_KEEP)]),
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+    }
+}
+
+/// Whether the broker (or the producer before it) refuses a record for its size: publishing
+/// it again would fail for ever.
+fn too_large(e: &BusError) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    matches!(
+        e,
+        BusError::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        ))
+    )
+}
+
 impl CommandConsumer {
     pub fn new(
         bus: BusConfig,
@@ -194,7 +218,7 @@ impl CommandConsumer {
             for (i, reply) in handled.into_iter().flatten() {
                 slots[i] = Some(reply);
             }
-            let replies: Vec<Reply> = slots.into_iter().flatten().collect();
+            let mut replies: Vec<Reply> = slots.into_iter().flatten().collect();
             let mut unpublished: Vec<usize> = (0..batch.len()).collect();
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -209,7 +233,20 @@ impl CommandConsumer {
                     .zip(sent)
                     .filter_map(|(i, r)| r.err().map(|e| (i, e)))
                     .map(|(i, e)| {
-                        tracing::warn!(error = %e, offset = batch[i].offset(), "answer not published yet; retrying");
+                        if too_large(&e) && matches!(replies[i], Reply::Result(_)) {
+                            // The answer can never be published: the command's own record
+                            // goes to the dead letters instead (the effect, if any, stays).
+                            let size = match &replies[i] {
+                                Reply::Result(r) => serde_json::to_vec(r).map(|b| b.len()).unwrap_or(0),
+                                Reply::DeadLetter(_) => 0,
+                            };
+                            replies[i] = Reply::DeadLetter(dead_letter(
+                                &batch[i],
+                                format!("result too large for the broker: {size} bytes ({e})"),
+                            ));
+                        } else {
+                            tracing::warn!(error = %e, offset = batch[i].offset(), "answer not published yet; retrying");
+                        }
                         i
                     })
                     .collect();
@@ -251,15 +288,7 @@ impl CommandConsumer {
     /// unacknowledged), so a database outage loses nothing.
     async fn handle<M: Message>(&self, message: &M) -> Reply {
         let raw = message.payload().unwrap_or_default();
-        let dead = |reason: String| {
-            Reply::DeadLetter(DeadLetter {
-                reason,
-                original: STANDARD.encode(&raw[..raw.len().min(DEAD_LETTER_KEEP)]),
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-            })
-        };
+        let dead = |reason: String| Reply::DeadLetter(dead_letter(message, reason));
         if raw.len() > self.bus.max_command_bytes {
             return dead(format!(
                 "oversized: {} bytes, the limit is {} (original truncated to {} bytes)",

@@ -4,28 +4,18 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::kafka::halt::Halts;
-use crate::kafka::BusConfig;
-use crate::projection::from_topic::{self, Vouch};
+use crate::projection::from_topic::{self, TopicFeed};
 use crate::projection::Projection;
 use crate::read_side::index::PersistedIndex;
 use crate::read_side::listing::ListingTable;
 use crate::store::Store;
 
 /// Runs the projector until stopped.
-pub async fn run(
-    bus: BusConfig,
-    store: Arc<Store>,
-    pool: PgPool,
-    halts: Halts,
-    vouch: Vouch,
-    stop: watch::Receiver<bool>,
-) {
-    let group = bus.projector_group.clone();
+pub async fn run(feed: TopicFeed, store: Arc<Store>, stop: watch::Receiver<bool>) {
+    let group = feed.bus.projector_group.clone();
     let projections: Vec<Arc<dyn Projection>> =
         vec![Arc::new(ListingTable), Arc::new(PersistedIndex)];
-    from_topic::follow(group, projections, bus, store, pool, halts, vouch, stop).await;
+    from_topic::follow(group, projections, feed, store, stop).await;
 }

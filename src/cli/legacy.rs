@@ -24,7 +24,7 @@ use crate::domain::{legacy_hash_username, AccountId, LoginEmail};
 const NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6761_6379_6d69_6772_6174_696f_6e00);
 
 #[derive(Debug, Clone, Deserialize)]
-struct Row {
+pub struct Row {
     account_id: String,
     login_email: String,
     legacy_hash: String,
@@ -50,11 +50,29 @@ pub struct Report {
     pub dry_run: bool,
 }
 
-fn parse_line(line: &str, jsonl: bool) -> Result<Row, String> {
+/// Parses one row of the export: a JSON object, or one CSV record (RFC 4180: quoted fields
+/// may hold commas, quotes and newlines).
+pub fn parse_line(line: &str, jsonl: bool) -> Result<Row, String> {
     if jsonl {
         return serde_json::from_str(line).map_err(|e| format!("not a JSON row: {e}"));
     }
-    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    let mut reader = csv_reader(line.as_bytes());
+    match reader.records().next() {
+        Some(Ok(record)) => parse_record(&record),
+        Some(Err(e)) => Err(format!("not a CSV row: {e}")),
+        None => Err("empty row".into()),
+    }
+}
+
+fn csv_reader(bytes: &[u8]) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes)
+}
+
+fn parse_record(fields: &csv::StringRecord) -> Result<Row, String> {
     if !(3..=4).contains(&fields.len()) {
         return Err(format!(
             "expected 3 or 4 comma-separated fields, found {}",
@@ -101,6 +119,8 @@ fn validate(row: &Row, now: DateTime<Utc>) -> Result<(), String> {
 fn read_rows(path: &std::path::Path, dry_run: bool) -> anyhow::Result<(Vec<(usize, Row)>, Report)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Spreadsheet exports often begin with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let name = path.to_string_lossy();
     let jsonl =
         name.ends_with(".jsonl") || name.ends_with(".ndjson") || text.trim_start().starts_with('{');
@@ -110,23 +130,51 @@ fn read_rows(path: &std::path::Path, dry_run: bool) -> anyhow::Result<(Vec<(usiz
         ..Report::default()
     };
     let mut valid = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let number = i + 1;
-        let line = line.trim();
-        if line.is_empty() || (!jsonl && number == 1 && line.starts_with("account_id")) {
-            continue;
-        }
+    let mut take = |number: usize, parsed: Result<Row, String>| {
         report.rows += 1;
-        match parse_line(line, jsonl).and_then(|row| validate(&row, now).map(|()| row)) {
+        match parsed.and_then(|row| validate(&row, now).map(|()| row)) {
             Ok(row) => valid.push((number, row)),
             Err(reason) => report.rejected.push(Rejected {
                 row: number,
                 reason,
             }),
         }
+    };
+    if jsonl {
+        for (i, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                take(i + 1, parse_line(line.trim(), true));
+            }
+        }
+    } else {
+        for (i, record) in csv_reader(text.as_bytes()).records().enumerate() {
+            let number = record
+                .as_ref()
+                .ok()
+                .and_then(|r| r.position())
+                .map(|p| line_of(text, p.byte() as usize))
+                .unwrap_or(i + 1);
+            match record {
+                Ok(r) if r.iter().all(str::is_empty) => {}
+                Ok(r) if i == 0 && r.get(0) == Some("account_id") => {}
+                Ok(r) => take(number, parse_record(&r)),
+                Err(e) => take(number, Err(format!("not a CSV row: {e}"))),
+            }
+        }
     }
     report.valid = valid.len();
     Ok((valid, report))
+}
+
+/// The 1-based line where the record that the CSV reader places at byte `at` begins (the
+/// reader's position includes the blank lines it skipped before the record).
+fn line_of(text: &str, at: usize) -> usize {
+    let bytes = text.as_bytes();
+    let mut at = at.min(bytes.len());
+    while matches!(bytes.get(at), Some(b'\n' | b'\r')) {
+        at += 1;
+    }
+    1 + memchr::memchr_iter(b'\n', &bytes[..at]).count()
 }
 
 enum Outcome {
@@ -262,5 +310,28 @@ mod tests {
         )
         .expect("json row");
         assert!(validate(&json, now).unwrap_err().contains("legacy hash"));
+    }
+
+    #[test]
+    fn the_csv_is_read_by_a_csv_parser() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("export.csv");
+        let hash = format!("marylim_v1_{}", "a".repeat(31));
+        let text = format!(
+            "\u{feff}account_id,login_email,legacy_hash,created_at\n\
+             \"acc,1\",mary.lim@agency.gov.sg,{hash},\n\
+             \"acc\"\"2\"\"\",\"mary.lim@agency.gov.sg\",{hash},2024-01-01T00:00:00Z\n\
+             \n\
+             only,two\n"
+        );
+        std::fs::write(&path, text).expect("write");
+        let (valid, report) = read_rows(&path, true).expect("reads");
+        assert_eq!(report.rows, 3, "{report:?}");
+        assert_eq!(valid.len(), 2, "{report:?}");
+        assert_eq!(valid[0].1.account_id, "acc,1");
+        assert_eq!(valid[1].1.account_id, "acc\"2\"");
+        assert_eq!(valid[1].1.login_email, "mary.lim@agency.gov.sg");
+        assert_eq!(report.rejected.len(), 1);
+        assert_eq!(report.rejected[0].row, 5);
     }
 }

@@ -208,9 +208,38 @@ pub struct ServeArgs {
     #[arg(
         long = "kafka-option",
         env = "KEYLEDGER_KAFKA_OPTIONS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub kafka_options: Vec<String>,
+    /// How the Kafka clients connect: plaintext, ssl, sasl_plaintext or sasl_ssl. With SASL,
+    /// the password comes from KEYLEDGER_KAFKA_SASL_PASSWORD (environment only); a TLS
+    /// client key's password from KEYLEDGER_KAFKA_SSL_KEY_PASSWORD.
+    #[arg(
+        long,
+        env = "KEYLEDGER_KAFKA_SECURITY_PROTOCOL",
+        default_value = "plaintext"
+    )]
+    pub kafka_security_protocol: crate::kafka::security::Protocol,
+    /// SASL mechanism: SCRAM-SHA-512, SCRAM-SHA-256, or PLAIN (only with sasl_ssl).
+    #[arg(
+        long,
+        env = "KEYLEDGER_KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512"
+    )]
+    pub kafka_sasl_mechanism: crate::kafka::security::Mechanism,
+    /// SASL user name (the Kafka principal; see docs/OPERATIONS.md for its ACLs).
+    #[arg(long, env = "KEYLEDGER_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// PEM file of the CA that signs the brokers' certificates (TLS).
+    #[arg(long, env = "KEYLEDGER_KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require mutual TLS.
+    #[arg(long, env = "KEYLEDGER_KAFKA_SSL_CERTIFICATE_LOCATION")]
+    pub kafka_ssl_certificate_location: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "KEYLEDGER_KAFKA_SSL_KEY_LOCATION")]
+    pub kafka_ssl_key_location: Option<PathBuf>,
     /// Most outbox rows the relay publishes per batch.
     #[arg(long, env = "KEYLEDGER_RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
@@ -309,6 +338,7 @@ impl ServeArgs {
                     bus.max_command_bytes = self.max_command_bytes;
                     bus.relay_batch = self.relay_batch;
                     bus.projector_batch = self.projector_batch;
+                    bus.security = self.kafka_security()?;
                     Ok(bus.with_overrides(crate::kafka::parse_options(&self.kafka_options)?)?)
                 })
                 .transpose()?,
@@ -321,6 +351,41 @@ impl ServeArgs {
                 ..ReminderSettings::default()
             },
         })
+    }
+}
+
+impl ServeArgs {
+    /// The Kafka security settings, the secrets read from the environment.
+    fn kafka_security(&self) -> anyhow::Result<crate::kafka::security::Security> {
+        use crate::kafka::security::{Sasl, Security, Tls};
+        let password = secret_env("KEYLEDGER_KAFKA_SASL_PASSWORD");
+        let sasl = match (&self.kafka_sasl_username, password) {
+            (Some(username), Some(password)) => Some(Sasl {
+                mechanism: self.kafka_sasl_mechanism,
+                username: username.clone(),
+                password: crate::domain::SecretString::new(password),
+            }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!(
+                "KEYLEDGER_KAFKA_SASL_USERNAME is set but KEYLEDGER_KAFKA_SASL_PASSWORD is not"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "KEYLEDGER_KAFKA_SASL_PASSWORD is set but KEYLEDGER_KAFKA_SASL_USERNAME is not"
+            ),
+        };
+        let security = Security {
+            protocol: self.kafka_security_protocol,
+            sasl,
+            tls: Tls {
+                ca_location: self.kafka_ssl_ca_location.clone(),
+                certificate_location: self.kafka_ssl_certificate_location.clone(),
+                key_location: self.kafka_ssl_key_location.clone(),
+                key_password: secret_env("KEYLEDGER_KAFKA_SSL_KEY_PASSWORD")
+                    .map(crate::domain::SecretString::new),
+            },
+        };
+        security.validate()?;
+        Ok(security)
     }
 }
 

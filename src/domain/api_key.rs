@@ -220,8 +220,50 @@ pub fn legacy_hash_username(legacy_hash: &str) -> Result<&str, LegacyHashError> 
     Ok(username)
 }
 
+/// Where `bytes` hold something shaped like a key: 1–64 ASCII letters or digits, `_v1_`,
+/// then exactly 44 characters of standard base64. A byte scan (`memchr` for `_v1_`), cheap
+/// enough for every event and for scanning files; yields each match's byte range.
+pub fn key_shaped(bytes: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+    memchr::memmem::find_iter(bytes, b"_v1_").filter_map(move |at| {
+        let user = bytes[..at]
+            .iter()
+            .rev()
+            .take(65)
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count();
+        let secret = &bytes[at + 4..];
+        let long_enough =
+            secret.len() >= SECRET_CHARS && secret[..SECRET_CHARS].iter().all(|c| b64(*c));
+        let ends_there = secret.get(SECRET_CHARS).is_none_or(|c| !b64(*c));
+        ((1..=64).contains(&user) && long_enough && ends_there)
+            .then(|| at - user..at + 4 + SECRET_CHARS)
+    })
+}
+
+/// Whether `bytes` hold anything [`key_shaped`].
+pub fn contains_key_shaped(bytes: &[u8]) -> bool {
+    key_shaped(bytes).next().is_some()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn key_shaped_strings_are_found_in_text() {
+        let key = mint_key("johndoe", &KeyHasher::new(b"pepper"));
+        let text = format!("label: prod {} (copied)", key.plaintext.expose());
+        let spans: Vec<_> = key_shaped(text.as_bytes()).collect();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(&text[spans[0].clone()], key.plaintext.expose());
+        assert!(!contains_key_shaped(b"johndoe_v1_tooshort"));
+        assert!(!contains_key_shaped(
+            format!("_v1_{}", "A".repeat(44)).as_bytes()
+        ));
+        assert!(!contains_key_shaped(
+            format!("jo_v1_{}", "A".repeat(45)).as_bytes()
+        ));
+    }
+
     use super::*;
 
     #[test]

@@ -17,6 +17,8 @@ pub enum LabelError {
     TooLong(usize),
     #[error("label must not contain control characters")]
     ControlCharacter,
+    #[error("label must not contain an API key (the log keeps labels for ever)")]
+    ContainsKey,
 }
 
 impl Label {
@@ -31,6 +33,9 @@ impl Label {
         }
         if trimmed.chars().any(char::is_control) {
             return Err(LabelError::ControlCharacter);
+        }
+        if super::contains_key_shaped(trimmed.as_bytes()) {
+            return Err(LabelError::ContainsKey);
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -70,5 +75,7 @@ mod tests {
             Err(LabelError::TooLong(256))
         );
         assert_eq!(Label::parse("a\u{0}b"), Err(LabelError::ControlCharacter));
+        let key = format!("old prod key jo_v1_{}", "Ab+/".repeat(11));
+        assert_eq!(Label::parse(&key), Err(LabelError::ContainsKey));
     }
 }

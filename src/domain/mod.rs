@@ -4,7 +4,7 @@
 //! it becomes a precise error; past that point nothing re-checks a string.
 
 mod account;
-mod api_key;
+pub mod api_key;
 mod clock;
 mod email;
 mod label;
@@ -14,8 +14,8 @@ mod signing;
 
 pub use account::{AccountId, AccountIdError};
 pub use api_key::{
-    legacy_hash_username, mint_key, to_hex as hex, KeyHasher, LegacyHashError, MalformedKey,
-    MintedKey, PlaintextKey, PresentedKey, SecretString,
+    contains_key_shaped, key_shaped, legacy_hash_username, mint_key, to_hex as hex, KeyHasher,
+    LegacyHashError, MalformedKey, MintedKey, PlaintextKey, PresentedKey, SecretString,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use email::{

@@ -8,6 +8,7 @@
 pub mod group;
 pub mod halt;
 pub mod publisher;
+pub mod security;
 pub mod topics;
 
 use std::future::Future;
@@ -36,8 +37,8 @@ pub const FIXED_SETTINGS: &[&str] = &[
     "bootstrap.servers",
 ];
 
-/// Kafka settings.
-#[derive(Debug, Clone)]
+/// Kafka settings. `Debug` redacts every secret (see [`security`]).
+#[derive(Clone)]
 pub struct BusConfig {
     pub brokers: String,
     /// Prefix of every topic name (`keyledger.`).
@@ -62,6 +63,40 @@ pub struct BusConfig {
     pub relay_batch: i64,
     /// Most records the projector applies per transaction.
     pub projector_batch: usize,
+    /// SASL and TLS of every client.
+    pub security: security::Security,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let overrides: Vec<(&str, &str)> = self
+            .overrides
+            .iter()
+            .map(|(k, v)| {
+                let shown = if security::is_secret_setting(k) {
+                    "[redacted]"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("BusConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("retention_ms", &self.retention_ms)
+            .field("dead_letter_retention_ms", &self.dead_letter_retention_ms)
+            .field("overrides", &overrides)
+            .field("commands_group", &self.commands_group)
+            .field("projector_group", &self.projector_group)
+            .field("max_command_bytes", &self.max_command_bytes)
+            .field("relay_batch", &self.relay_batch)
+            .field("projector_batch", &self.projector_batch)
+            .field("security", &self.security)
+            .finish()
+    }
 }
 
 /// Seven days, Kafka's own default, for the topics that carry requests and answers.
@@ -84,6 +119,7 @@ impl BusConfig {
             max_command_bytes: 1024 * 1024,
             relay_batch: 1000,
             projector_batch: 500,
+            security: security::Security::default(),
         }
     }
 
@@ -124,6 +160,7 @@ impl BusConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         c.set("client.id", "keyledger");
+        self.security.apply(&mut c);
         for (k, v) in &self.overrides {
             c.set(k, v);
         }

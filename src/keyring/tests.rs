@@ -644,6 +644,23 @@ async fn a_reminder_is_refused_before_its_stage_falls_due() {
 }
 
 #[tokio::test]
+async fn only_the_configured_stages_are_reminded() {
+    // Day 5 is due (expiry is 4 days away) but is not a configured stage (28, 14, 3, 1): a
+    // forged command cannot make the notifier mail the contacts on a day of its choosing.
+    framework_days_before_expiry(4)
+        .given(vec![generated(1, 10, "p", t0())])
+        .when_async(remind(3, 5, &[]))
+        .await
+        .then_expect_error(KeyringError::InvalidStage);
+    // Nor can it slip unconfigured stages in as "skipped".
+    framework_days_before_expiry(3)
+        .given(vec![generated(1, 10, "p", t0())])
+        .when_async(remind(3, 3, &[14, 9, 5]))
+        .await
+        .then_expect_events(vec![reminder_due(3, 3, &[14], &["ops@agency.gov.sg"])]);
+}
+
+#[tokio::test]
 async fn no_reminder_for_a_revoked_or_expired_key() {
     framework_days_before_expiry(2)
         .given(vec![generated(1, 10, "p", t0()), revoked(2, 10, t0())])

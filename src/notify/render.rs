@@ -35,13 +35,38 @@ impl Template {
     }
 
     fn fill(&self, values: &[(&str, &str)]) -> (String, String) {
-        let fill = |s: &str| {
-            values.iter().fold(s.to_owned(), |acc, (k, v)| {
-                acc.replace(&format!("{{{{{k}}}}}"), v)
-            })
-        };
-        (fill(&self.subject), fill(&self.body))
+        (fill(&self.subject, values), fill(&self.body, values))
     }
+}
+
+/// Expands each `{{name}}` of `text` once, in one pass: a value is never scanned again, so
+/// a label that reads `{{login_email}}` stays literal. Unknown names stay as written.
+fn fill(text: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let value = after.find("}}").and_then(|close| {
+            let name = &after[..close];
+            values
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v, close))
+        });
+        match value {
+            Some((v, close)) => {
+                out.push_str(v);
+                rest = &after[close + 2..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The three templates: a reminder, the last reminder, the expiry notice.
@@ -276,6 +301,18 @@ mod tests {
         assert_eq!(n[0].subject, "Your Postman API key has expired");
         assert_eq!(n[0].kind, "key_expired");
         assert!(n[0].body.contains("expired on 21 April 2024, 08:00"));
+    }
+
+    #[test]
+    fn placeholders_are_expanded_once() {
+        let values = [
+            ("label", "{{login_email}}"),
+            ("login_email", "owner@agency.gov.sg"),
+        ];
+        assert_eq!(
+            fill("key {{label}} of {{login_email}} {{unknown}} {{", &values),
+            "key {{login_email}} of owner@agency.gov.sg {{unknown}} {{"
+        );
     }
 
     #[test]

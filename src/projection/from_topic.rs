@@ -101,18 +101,31 @@ impl Vouch {
     }
 }
 
+/// What a consumer of the events topic needs besides its projections: the bus, the database
+/// that keeps its offsets, where it reports a halt, and the key its records must be signed by.
+#[derive(Clone)]
+pub struct TopicFeed {
+    pub bus: BusConfig,
+    pub pool: PgPool,
+    pub halts: Halts,
+    pub vouch: Vouch,
+}
+
 /// Feeds `projections` (in one transaction per batch) from the events topic as consumer
 /// group `group`, until stopped, through outages; an offset the log lost halts it.
 pub async fn follow(
     group: String,
     projections: Vec<Arc<dyn Projection>>,
-    bus: BusConfig,
+    feed: TopicFeed,
     store: Arc<Store>,
-    pool: PgPool,
-    halts: Halts,
-    vouch: Vouch,
     stop: watch::Receiver<bool>,
 ) {
+    let TopicFeed {
+        bus,
+        pool,
+        halts,
+        vouch,
+    } = feed;
     let topic = bus.events_topic();
     let group = group.as_str();
     supervise(group, &halts, stop, |s| {

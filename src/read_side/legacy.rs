@@ -45,7 +45,7 @@ impl LegacyGate {
         let per_second = per_second.max(0.1);
         Self {
             one_at_a_time: Semaphore::new(1),
-            bucket: Mutex::new((per_second, Instant::now())),
+            bucket: Mutex::new((per_second.max(1.0), Instant::now())),
             per_second,
             misses: Mutex::new((HashSet::new(), 0)),
             typical_micros: Mutex::new(TYPICAL_BCRYPT.as_micros() as f64),
@@ -56,7 +56,8 @@ impl LegacyGate {
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let refill = now.duration_since(b.1).as_secs_f64() * self.per_second;
-        b.0 = (b.0 + refill).min(self.per_second);
+        // At least one check fits in the bucket, however low the rate.
+        b.0 = (b.0 + refill).min(self.per_second.max(1.0));
         b.1 = now;
         if b.0 >= 1.0 {
             b.0 -= 1.0;

@@ -19,9 +19,9 @@ use uuid::Uuid;
 use crate::common::{Backing, TestApp, LOGIN};
 use crate::kafka::{self, kill9, produce, spawn_process, Record};
 
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
-async fn read_until(
+pub(crate) async fn read_until(
     topic: String,
     done: impl Fn(&[Record]) -> bool + Send + 'static,
 ) -> Vec<Record> {
@@ -30,13 +30,18 @@ async fn read_until(
         .expect("reader")
 }
 
-async fn read_quiet(topic: String, settle: Duration) -> Vec<Record> {
+pub(crate) async fn read_quiet(topic: String, settle: Duration) -> Vec<Record> {
     tokio::task::spawn_blocking(move || kafka::read_until(&topic, settle, |_| false))
         .await
         .expect("reader")
 }
 
-fn generate_envelope(command_id: Uuid, account: &str, label: &str, reply: &str) -> Vec<u8> {
+pub(crate) fn generate_envelope(
+    command_id: Uuid,
+    account: &str,
+    label: &str,
+    reply: &str,
+) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "command_id": command_id, "account_id": account, "issued_by": "web-backend",
         "command": {"type": "GenerateKey", "label": label, "contacts": ["ops@agency.gov.sg"], "login_email": LOGIN},
@@ -45,13 +50,13 @@ fn generate_envelope(command_id: Uuid, account: &str, label: &str, reply: &str) 
     .expect("json")
 }
 
-fn reply_key() -> (SecretKey, String) {
+pub(crate) fn reply_key() -> (SecretKey, String) {
     let sk = SecretKey::generate(&mut OsRng);
     let pk = STANDARD.encode(sk.public_key().as_bytes());
     (sk, pk)
 }
 
-fn results_for(records: &[Record], command_id: Uuid) -> Vec<Value> {
+pub(crate) fn results_for(records: &[Record], command_id: Uuid) -> Vec<Value> {
     records
         .iter()
         .filter(|r| r.key == command_id.to_string())
@@ -59,7 +64,10 @@ fn results_for(records: &[Record], command_id: Uuid) -> Vec<Value> {
         .collect()
 }
 
-async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+pub(crate) async fn wait_for<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
     for _ in 0..600 {
         if check().await {
             return;

@@ -154,6 +154,8 @@ pub fn settings_with(
 /// The real application, serving on a random port.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` listens when it has a listener of its own.
+    pub metrics_addr: Option<SocketAddr>,
     pub http: reqwest::Client,
     pub backing: Backing,
     pub bus: Option<BusConfig>,
@@ -195,12 +197,14 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
+        let metrics_addr = app.metrics_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
         Self {
             addr,
+            metrics_addr,
             http: reqwest::Client::new(),
             backing,
             bus,
@@ -245,7 +249,18 @@ impl TestApp {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, self.url(path)).bearer_auth(TOKEN);
+        self.call_as(TOKEN, method, path, body).await
+    }
+
+    /// As [`TestApp::call`], with `token`.
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }

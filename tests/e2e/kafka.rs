@@ -82,18 +82,24 @@ pub fn read_from(
         .set("fetch.wait.max.ms", "20")
         .create()
         .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
+    let started = Instant::now();
+    // A topic made a moment ago may not be in the metadata yet: ask until it has partitions.
     let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .expect("partition");
+    while tpl.count() == 0 && started.elapsed() < timeout {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+        if tpl.count() == 0 {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     consumer.assign(&tpl).expect("assign");
-    let started = Instant::now();
     let mut records = Vec::new();
     while started.elapsed() < timeout && !done(&records) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
@@ -109,6 +115,22 @@ pub fn read_from(
         }
     }
     records
+}
+
+/// Whether the broker's metadata lists `topic` (with partitions).
+pub fn topic_exists(topic: &str) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("consumer");
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map(|m| {
+            m.topics()
+                .iter()
+                .any(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
+        .unwrap_or(true)
 }
 
 /// The service as a real process (so it can be SIGKILLed).

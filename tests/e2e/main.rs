@@ -15,4 +15,5 @@ mod legacy;
 mod lifecycle;
 mod observability;
 mod reminders;
+mod security;
 mod smtp;

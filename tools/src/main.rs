@@ -77,6 +77,10 @@ enum BenchWhat {
         /// Where the load comes from.
         #[arg(long, value_enum, default_value = "wrk")]
         generator: bench::http::Generator,
+        /// Add a phase under a flood of made-up legacy-shaped keys (wrk; the server needs
+        /// KEYLEDGER_LEGACY_SALT).
+        #[arg(long)]
+        legacy_flood: bool,
     },
     /// Start-to-ready time and memory of `keyledger serve` with a large store, in every
     /// mode: fills an empty store with synthetic keys and starts the service on it.
@@ -197,6 +201,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             connections,
             seconds,
             generator,
+            legacy_flood,
         } => bench::http::run(bench::http::HttpSettings {
             url: server.trim_end_matches('/').to_owned(),
             generator,
@@ -204,6 +209,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             keys: keys.max(1),
             connections: connections.max(1),
             seconds: seconds.max(1),
+            legacy_flood,
         })
         .await
         .map(|_| ()),

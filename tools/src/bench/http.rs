@@ -9,6 +9,11 @@
 //! tool's own cost cannot hide a gap; the keys reach it in its environment, never on disk)
 //! or from a closed-loop generator in this process (`--generator builtin`).
 //!
+//! With `--legacy-flood` (wrk only) a last phase verifies the valid keys in turn again while
+//! a second wrk floods the server with made-up keys shaped like a migrated legacy key's
+//! username — the attack the legacy gate (`src/read_side/legacy.rs`) exists for. The server
+//! must run with `KEYLEDGER_LEGACY_SALT` set, or the flood never reaches the slow path.
+//!
 //! The generated keys live in memory only and are never printed.
 
 use std::sync::Arc;
@@ -37,6 +42,8 @@ pub struct HttpSettings {
     pub keys: usize,
     pub connections: usize,
     pub seconds: u64,
+    /// Add the phase under a flood of legacy-shaped unknown keys.
+    pub legacy_flood: bool,
 }
 
 /// One measured phase.
@@ -54,6 +61,10 @@ enum Target {
     One,
     Verify {
         from: bool,
+    },
+    /// A new made-up key of this username on every request.
+    Flood {
+        user: String,
     },
 }
 
@@ -121,7 +132,7 @@ async fn drive(
                     break;
                 }
                 let response = match &*target {
-                    Target::Bare => client.get(&bare).send().await?,
+                    Target::Bare | Target::Flood { .. } => client.get(&bare).send().await?,
                     Target::One | Target::Verify { .. } => {
                         let from = matches!(&*target, Target::Verify { from: true });
                         let key = if matches!(&*target, Target::One) {
@@ -196,6 +207,17 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
             Generator::Wrk => wrk(&s, &keys, target, name).await?,
         });
     }
+    let flood = match (s.legacy_flood, s.generator) {
+        (false, _) => None,
+        (true, Generator::Builtin) => bail!("--legacy-flood needs --generator wrk"),
+        (true, Generator::Wrk) => Some(under_flood(&client, &s, &keys).await?),
+    };
+    if let Some(f) = &flood {
+        phases.push(Phase {
+            name: "POST /v1/verify (valid keys in turn, under a legacy flood)",
+            ..f.valid
+        });
+    }
     let bare = phases[0].rate;
     println!(
         "| HTTP ({}), {} connections, {} s each, {} keys | requests/s | × bare | p50 | p99 |",
@@ -218,6 +240,20 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
             p.p99_ms
         );
     }
+    if let Some(f) = &flood {
+        let alone = phases[2].rate;
+        println!();
+        println!(
+            "Under the flood: valid keys in turn at {:.2}× their rate alone; the flood (wrk, 1 thread, 64 connections, \
+             a new made-up key of a username with a live legacy key each time) got {:.0} answers/s, \
+             p50 {:.0} ms (the padding that hides whether a bcrypt ran); bcrypt ran {} times in {} s.",
+            f.valid.rate / alone,
+            f.flood.rate,
+            f.flood.p50_ms,
+            f.bcrypt_runs,
+            s.seconds
+        );
+    }
     let total: usize = phases.iter().map(|p| p.requests).sum();
     eprintln!("{total} requests measured");
     Ok(phases)
@@ -225,6 +261,84 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
 
 /// The verify script wrk runs (`scripts/wrk/verify.lua`).
 const WRK_SCRIPT: &str = include_str!("../../../scripts/wrk/verify.lua");
+/// The flood of made-up legacy-shaped keys (`scripts/wrk/flood.lua`).
+const FLOOD_SCRIPT: &str = include_str!("../../../scripts/wrk/flood.lua");
+
+/// The valid-keys phase and the flood that ran beside it.
+struct Flooded {
+    valid: Phase,
+    flood: Phase,
+    bcrypt_runs: u64,
+}
+
+/// Migrates a legacy key (so its username has a live candidate), then verifies the valid
+/// keys in turn while a second wrk sends a new made-up key of that username each time.
+async fn under_flood(
+    client: &reqwest::Client,
+    s: &HttpSettings,
+    keys: &[String],
+) -> anyhow::Result<Flooded> {
+    let user = format!("legacy{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // The hash's shape is all that matters: every flood key misses it anyway.
+    let body = json!({
+        "login_email": format!("{user}@agency.gov.sg"),
+        "legacy_hash": format!("{user}_v1_{}", "abcdefghijklmnopqrstuvwxyz01234"),
+    });
+    client
+        .post(format!("{}/v1/accounts/bench-{user}/legacy-key", s.url))
+        .bearer_auth(&s.token)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()
+        .context("cannot migrate the legacy key the flood aims at")?;
+    let before = bcrypt_runs(client, s).await?;
+    let flood_seconds = Settings {
+        seconds: s.seconds + 2,
+        connections: 64,
+        threads: 1,
+    };
+    let flood_target = Target::Flood { user };
+    let flood = wrk_run(s, &flood_seconds, keys, &flood_target, "flood");
+    let valid = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        wrk(s, keys, Target::Verify { from: false }, "under flood").await
+    };
+    let (flood, valid) = tokio::join!(flood, valid);
+    let (flood, valid) = (flood?, valid?);
+    let after = bcrypt_runs(client, s).await?;
+    Ok(Flooded {
+        valid,
+        flood,
+        bcrypt_runs: after.saturating_sub(before),
+    })
+}
+
+/// How many bcrypt checks the server ran so far (`keyledger_legacy_checks_total` with
+/// outcome `matched` or `missed`).
+async fn bcrypt_runs(client: &reqwest::Client, s: &HttpSettings) -> anyhow::Result<u64> {
+    let text = client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("keyledger_legacy_checks_total")
+                && (l.contains("\"matched\"") || l.contains("\"missed\""))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// How one wrk runs.
+struct Settings {
+    seconds: u64,
+    connections: usize,
+    threads: usize,
+}
 
 /// One phase under wrk: its requests per second and latency percentiles, read from wrk's
 /// report.
@@ -234,14 +348,40 @@ async fn wrk(
     target: Target,
     name: &'static str,
 ) -> anyhow::Result<Phase> {
-    let script = std::env::temp_dir().join(format!("keyledger-wrk-{}.lua", std::process::id()));
-    std::fs::write(&script, WRK_SCRIPT)?;
+    let run = Settings {
+        seconds: s.seconds,
+        connections: s.connections,
+        threads: 2,
+    };
+    wrk_run(s, &run, keys, &target, name).await
+}
+
+async fn wrk_run(
+    s: &HttpSettings,
+    run: &Settings,
+    keys: &[String],
+    target: &Target,
+    name: &'static str,
+) -> anyhow::Result<Phase> {
+    let script = std::env::temp_dir().join(format!(
+        "keyledger-wrk-{}-{}.lua",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let source = match target {
+        Target::Flood { .. } => FLOOD_SCRIPT,
+        _ => WRK_SCRIPT,
+    };
+    std::fs::write(&script, source)?;
     let mut cmd = tokio::process::Command::new("wrk");
-    cmd.args(["-t2", &format!("-c{}", s.connections)])
-        .arg(format!("-d{}s", s.seconds))
-        .arg("--latency")
-        .env("WRK_TOKEN", &s.token)
-        .kill_on_drop(true);
+    cmd.args([
+        format!("-t{}", run.threads),
+        format!("-c{}", run.connections),
+    ])
+    .arg(format!("-d{}s", run.seconds))
+    .arg("--latency")
+    .env("WRK_TOKEN", &s.token)
+    .kill_on_drop(true);
     match target {
         Target::Bare => {
             cmd.arg(format!("{}/livez", s.url));
@@ -251,9 +391,12 @@ async fn wrk(
         }
         Target::Verify { from } => {
             cmd.env("WRK_KEYS", keys.join("\n"));
-            if from {
+            if *from {
                 cmd.env("WRK_FROM", "bench@agency.gov.sg");
             }
+        }
+        Target::Flood { user } => {
+            cmd.env("WRK_FLOOD_USER", user);
         }
     }
     if !matches!(target, Target::Bare) {
