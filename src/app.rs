@@ -30,6 +30,7 @@ use crate::read_side::ReadSide;
 use crate::reminders::saga::{Firing, Saga, SAGA};
 use crate::store::Store;
 use crate::tokens::Tokens;
+use keyledger_events::signature::LogKeys;
 
 /// A built service: bound to its port (when it serves HTTP), background parts running.
 pub struct Application {
@@ -76,6 +77,7 @@ impl Application {
         refuse_new_secrets_for_an_old_store(&settings, &store).await?;
         let signer = LogSigner::from_base64(settings.signing_key.expose())
             .context("KEYLEDGER_SIGNING_KEY")?;
+        let log_keys = LogKeys::new(signer.public_key(), settings.previous_log_keys.clone());
         let tokens = Tokens::new(
             settings.api_token.as_ref().map(|t| t.expose()),
             settings.tokens_file.clone(),
@@ -99,7 +101,7 @@ impl Application {
                     bus: bus.clone(),
                     pool: pool.clone(),
                     halts: halts.clone(),
-                    vouch: Vouch::new(bus, signer.public_key())?,
+                    vouch: Vouch::new(bus, log_keys.clone())?,
                 }))
             }
             _ => {
@@ -291,7 +293,7 @@ impl Application {
             store,
             clock: settings.clock.clone(),
             tokens,
-            log_key: signer.public_key(),
+            log_keys: log_keys.clone(),
             legacy: crate::read_side::legacy::LegacyGate::new(settings.legacy_checks_per_second),
         });
         let listener = if roles.http {

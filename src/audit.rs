@@ -65,7 +65,7 @@ pub struct AuditOptions {
     pub validity_months: u32,
     pub print_listing: bool,
     /// The log's public key (`GET /v1/log-key`): signatures are checked when given.
-    pub public_key: Option<keyledger_events::signature::LogKey>,
+    pub public_key: Option<keyledger_events::signature::LogKeys>,
 }
 
 #[derive(Default)]
@@ -406,7 +406,7 @@ impl Auditor {
     /// signature vouches for the account's whole history. Batches of 256, one by one only
     /// to name a failure.
     fn check_signatures(&mut self) {
-        let Some(key) = self.opts.public_key else {
+        let Some(key) = self.opts.public_key.clone() else {
             return;
         };
         let heads: Vec<(String, u64, [u8; 32], Option<String>)> = self

@@ -44,6 +44,9 @@ pub struct Settings {
     pub tokens_file: Option<PathBuf>,
     /// The base64 Ed25519 seed that signs every event's chain value.
     pub signing_key: SecretString,
+    /// Public keys of earlier signing keys (`KEYLEDGER_PREVIOUS_LOG_KEYS`): events they
+    /// signed before a rotation stay vouched for.
+    pub previous_log_keys: Vec<keyledger_events::signature::LogKey>,
     /// Secrets generated at this start (embedded mode): a store that already holds events
     /// must not meet a new pepper or signing key.
     pub generated: Vec<&'static str>,
@@ -172,6 +175,8 @@ pub enum ConfigError {
     MissingSigningKey,
     #[error("KEYLEDGER_SIGNING_KEY is not the base64 of 32 bytes")]
     BadSigningKey,
+    #[error("KEYLEDGER_PREVIOUS_LOG_KEYS: {0} (the base64 public keys GET /v1/log-key served before the rotation, comma-separated)")]
+    BadPreviousLogKey(keyledger_events::signature::LogKeyError),
     #[error("KEYLEDGER_PEPPER is too short: at least {MIN_PEPPER_BYTES} bytes are required")]
     ShortPepper,
     #[error(
@@ -202,6 +207,8 @@ pub struct Inputs {
     pub api_token: Option<String>,
     pub tokens_file: Option<PathBuf>,
     pub signing_key: Option<String>,
+    /// Base64 public keys of earlier signing keys.
+    pub previous_log_keys: Vec<String>,
     pub metrics_listen: Option<String>,
     pub policy: Policy,
     pub default_from: Option<String>,
@@ -324,6 +331,12 @@ impl Settings {
             api_token: token.map(SecretString::new),
             tokens_file: inputs.tokens_file,
             signing_key,
+            previous_log_keys: inputs
+                .previous_log_keys
+                .iter()
+                .map(|k| keyledger_events::signature::LogKey::from_base64(k))
+                .collect::<Result<_, _>>()
+                .map_err(ConfigError::BadPreviousLogKey)?,
             generated,
             metrics_listen: inputs.metrics_listen,
             policy: inputs.policy,

@@ -79,11 +79,7 @@ async fn audit(args: keyledger::cli::AuditArgs) -> anyhow::Result<bool> {
         until: args.until,
         validity_months: args.key_validity_months,
         print_listing: args.print_listing,
-        public_key: args
-            .public_key
-            .as_deref()
-            .map(keyledger_events::signature::LogKey::from_base64)
-            .transpose()
+        public_key: keyledger_events::signature::LogKeys::from_base64(&args.public_key)
             .map_err(|e| anyhow::anyhow!("--public-key: {e}"))?,
     };
     // The live store (never migrated by an audit), when one is reachable.

@@ -105,9 +105,10 @@ pub enum Unsigned {
 
 impl DecodedEvent {
     /// Whether the record is one keyledger wrote: `chain` recomputes from `previous_chain`
-    /// and the payload, and `signature` signs `chain` under `key`. Needs no state: a forger
-    /// would have to find a payload and previous value hashing to a value keyledger signed.
-    pub fn vouched_for(&self, key: &crate::signature::LogKey) -> Result<(), Unsigned> {
+    /// and the payload, and `signature` signs `chain` under one of `keys`. Needs no state: a
+    /// forger would have to find a payload and previous value hashing to a value keyledger
+    /// signed.
+    pub fn vouched_for(&self, keys: &crate::signature::LogKeys) -> Result<(), Unsigned> {
         let (Some(previous), Some(signature)) = (&self.previous_chain, &self.signature) else {
             return Err(Unsigned::Missing);
         };
@@ -116,7 +117,7 @@ impl DecodedEvent {
         if chain::next(&previous, &self.account_id, self.sequence, &self.event) != carried {
             return Err(Unsigned::Chain);
         }
-        if !key.verifies(&carried, signature) {
+        if !keys.verifies(&carried, signature) {
             return Err(Unsigned::Signature);
         }
         Ok(())

@@ -69,7 +69,100 @@ impl LogKey {
     }
 }
 
+/// The keys a log may be signed with: the current signing key's, then those of keys it was
+/// signed with before (a rotated signing key leaves the earlier events signed by the old
+/// one: they stay vouched for as long as its public key is listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogKeys {
+    current: LogKey,
+    previous: Vec<LogKey>,
+}
+
+impl LogKeys {
+    pub fn new(current: LogKey, previous: Vec<LogKey>) -> Self {
+        Self { current, previous }
+    }
+
+    /// From base64 public keys, the current one first.
+    pub fn from_base64<S: AsRef<str>>(keys: &[S]) -> Result<Option<Self>, LogKeyError> {
+        let mut parsed = keys
+            .iter()
+            .map(|k| LogKey::from_base64(k.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        Ok(parsed
+            .next()
+            .map(|current| Self::new(current, parsed.collect())))
+    }
+
+    pub fn current(&self) -> LogKey {
+        self.current
+    }
+
+    pub fn previous(&self) -> &[LogKey] {
+        &self.previous
+    }
+
+    /// Whether `signature` signs `chain` under any of the keys.
+    pub fn verifies(&self, chain: &[u8; 32], signature: &str) -> bool {
+        self.current.verifies(chain, signature)
+            || self.previous.iter().any(|k| k.verifies(chain, signature))
+    }
+
+    /// Whether every pair verifies under some key: as one batch under the current key, else
+    /// one by one.
+    pub fn all_verify(&self, items: &[([u8; 32], &str)]) -> bool {
+        self.current.all_verify(items)
+            || (!self.previous.is_empty() && items.iter().all(|(c, s)| self.verifies(c, s)))
+    }
+}
+
+impl From<LogKey> for LogKeys {
+    fn from(current: LogKey) -> Self {
+        Self::new(current, Vec::new())
+    }
+}
+
 fn decode(signature: &str) -> Option<Signature> {
     let bytes: [u8; 64] = STANDARD.decode(signature).ok()?.try_into().ok()?;
     Some(Signature::from_bytes(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::{Signer, SigningKey};
+
+    use super::*;
+
+    fn key(seed: u8) -> (SigningKey, LogKey) {
+        let sk = SigningKey::from_bytes(&[seed; 32]);
+        let pk = LogKey::from_bytes(sk.verifying_key().as_bytes()).expect("key");
+        (sk, pk)
+    }
+
+    fn sign(sk: &SigningKey, chain: &[u8; 32]) -> String {
+        STANDARD.encode(sk.sign(chain).to_bytes())
+    }
+
+    #[test]
+    fn a_rotated_key_still_vouches_for_what_it_signed() {
+        let ((old_sk, old), (new_sk, new), (_, stranger)) = (key(1), key(2), key(3));
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let (by_old, by_new) = (sign(&old_sk, &a), sign(&new_sk, &b));
+        let keys = LogKeys::new(new, vec![old]);
+        assert!(keys.verifies(&a, &by_old) && keys.verifies(&b, &by_new));
+        assert!(keys.all_verify(&[(a, &by_old), (b, &by_new)]));
+        assert!(!keys.verifies(&b, &by_old), "a signature of another value");
+        let alone = LogKeys::from(new);
+        assert!(!alone.verifies(&a, &by_old));
+        assert!(!alone.all_verify(&[(a, &by_old), (b, &by_new)]));
+        assert!(!LogKeys::new(stranger, vec![]).verifies(&b, &by_new));
+        let parsed = LogKeys::from_base64(&[new.to_base64(), old.to_base64()])
+            .expect("parses")
+            .expect("some");
+        assert_eq!(parsed, keys);
+        assert!(LogKeys::from_base64::<String>(&[])
+            .expect("empty")
+            .is_none());
+    }
 }

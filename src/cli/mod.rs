@@ -114,9 +114,10 @@ pub struct AuditArgs {
     #[arg(long, env = "KEYLEDGER_KEY_VALIDITY_MONTHS", default_value_t = 6)]
     pub key_validity_months: u32,
     /// The log's public key (base64, as `GET /v1/log-key` serves it): every account's
-    /// history must carry a valid signature. Nothing secret is needed.
+    /// history must carry a valid signature. Nothing secret is needed. Repeat it for the
+    /// keys of a rotated signing key (`previous_public_keys`), the current one first.
     #[arg(long)]
-    pub public_key: Option<String>,
+    pub public_key: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -142,6 +143,10 @@ pub struct ServeArgs {
     /// environment only: a flag would show them in the process list.
     #[arg(long, env = "KEYLEDGER_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// Public keys (base64, comma-separated) of signing keys used before the current one:
+    /// events they signed stay vouched for after a rotation of KEYLEDGER_SIGNING_KEY.
+    #[arg(long, env = "KEYLEDGER_PREVIOUS_LOG_KEYS", value_delimiter = ',')]
+    pub previous_log_keys: Vec<String>,
     /// A listener of its own for `/metrics` (then not served on the API's port).
     #[arg(long, env = "KEYLEDGER_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -311,6 +316,7 @@ impl ServeArgs {
             api_token: secret_env("KEYLEDGER_API_TOKEN"),
             tokens_file: self.tokens_file.clone(),
             signing_key: secret_env("KEYLEDGER_SIGNING_KEY"),
+            previous_log_keys: self.previous_log_keys.clone(),
             metrics_listen: self.metrics_listen.clone(),
             policy: Policy {
                 validity_months: self.key_validity_months,

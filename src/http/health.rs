@@ -80,12 +80,19 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-/// `GET /v1/log-key`: the public key that verifies the log's signatures (no token: an
-/// auditor needs nothing secret).
+/// `GET /v1/log-key`: the public key that verifies the log's signatures, and those of
+/// earlier signing keys (no token: an auditor needs nothing secret).
 pub async fn log_key(State(state): State<AppState>) -> impl IntoResponse {
+    let previous: Vec<String> = state
+        .log_keys
+        .previous()
+        .iter()
+        .map(|k| k.to_base64())
+        .collect();
     Json(json!({
         "algorithm": keyledger_events::signature::ALGORITHM,
-        "public_key": state.log_key.to_base64(),
+        "public_key": state.log_keys.current().to_base64(),
+        "previous_public_keys": previous,
     }))
 }
 

@@ -39,7 +39,7 @@ pub struct Services {
     /// The API tokens and their roles (re-read when the tokens file changes).
     pub tokens: crate::tokens::Tokens,
     /// The public half of the key that signs the log.
-    pub log_key: keyledger_events::signature::LogKey,
+    pub log_keys: keyledger_events::signature::LogKeys,
     /// The rationed slow path of migrated legacy keys.
     pub legacy: crate::read_side::legacy::LegacyGate,
     pub saga: Arc<crate::reminders::saga::Saga>,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use keyledger_events::signature::LogKey;
+use keyledger_events::signature::LogKeys;
 use keyledger_events::{decode_event, DeadLetter, DecodedEvent};
 use rdkafka::message::Message;
 use sqlx::PgPool;
@@ -31,15 +31,15 @@ const GATHER: Duration = Duration::from_millis(10);
 /// and where a record it refuses goes.
 #[derive(Clone)]
 pub struct Vouch {
-    pub key: LogKey,
+    pub keys: LogKeys,
     pub dead_letters: Publisher,
     pub topic: String,
 }
 
 impl Vouch {
-    pub fn new(bus: &BusConfig, key: LogKey) -> Result<Self, BusError> {
+    pub fn new(bus: &BusConfig, keys: LogKeys) -> Result<Self, BusError> {
         Ok(Self {
-            key,
+            keys,
             dead_letters: Publisher::new(bus, 5)?,
             topic: bus.dead_letters_topic(),
         })
@@ -53,7 +53,7 @@ impl Vouch {
         decoded: &DecodedEvent,
         message: &M,
     ) -> bool {
-        let Err(why) = decoded.vouched_for(&self.key) else {
+        let Err(why) = decoded.vouched_for(&self.keys) else {
             return true;
         };
         self.refuse(consumer, &format!("forged: {why}"), message)

@@ -138,6 +138,7 @@ pub fn settings_with(
         api_token: Some(TOKEN.into()),
         tokens_file: None,
         signing_key: Some(SIGNING_KEY.into()),
+        previous_log_keys: Vec::new(),
         metrics_listen: None,
         policy,
         default_from: Some("donotreply@mail.postman.gov.sg".into()),

@@ -137,7 +137,7 @@ async fn scoped_tokens_hold_each_caller_to_its_role() {
         .public_key();
     assert_eq!(
         body,
-        json!({"algorithm": "ed25519", "public_key": expected.to_base64()})
+        json!({"algorithm": "ed25519", "public_key": expected.to_base64(), "previous_public_keys": []})
     );
 }
 
@@ -749,6 +749,7 @@ async fn a_lost_pepper_is_never_silently_replaced() {
         api_token: Some(crate::common::TOKEN.into()),
         tokens_file: None,
         signing_key: None,
+        previous_log_keys: Vec::new(),
         metrics_listen: None,
         policy: Policy::default(),
         default_from: None,
@@ -906,4 +907,80 @@ async fn made_up_legacy_keys_burn_no_cpu_and_tell_no_usernames() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(valid, "the real legacy key verifies");
+}
+
+/// The signing key rotated: events signed by the old key stay vouched for as long as its
+/// public key is listed (`KEYLEDGER_PREVIOUS_LOG_KEYS`, `previous_public_keys` at
+/// `/v1/log-key`, `audit --public-key NEW --public-key OLD`); the old key alone does not
+/// vouch for what the new one signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_keeps_the_old_events_vouched_for() {
+    let backing = Backing::postgres().await;
+    let url = database_url(&backing);
+    let bus = kafka::bus();
+    let mut old = TestApp::spawn_bus(backing.clone(), bus.clone(), Roles::ALL).await;
+    let (status, body) = old
+        .generate("rotating", "before", &["ops@agency.gov.sg"])
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let before_key = body["api_key"].as_str().expect("key").to_owned();
+    let (_, old_log_key) = crate::common::read(old.get_open("/v1/log-key").await).await;
+    let old_public = old_log_key["public_key"].as_str().expect("pk").to_owned();
+    old.shutdown().await;
+
+    let mut settings =
+        crate::common::settings_with(&backing, Policy::default(), Some(bus.clone()), Roles::ALL);
+    settings.signing_key = keyledger::domain::SecretString::new(LogSigner::generate_seed());
+    settings.previous_log_keys =
+        vec![keyledger_events::signature::LogKey::from_base64(&old_public).expect("pk")];
+    let new = TestApp::spawn_settings(backing, settings).await;
+    let (status, body) = new
+        .generate("rotating", "after", &["ops@agency.gov.sg"])
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let after_key = body["api_key"].as_str().expect("key").to_owned();
+    let (_, log_key) = crate::common::read(new.get_open("/v1/log-key").await).await;
+    let new_public = log_key["public_key"].as_str().expect("pk").to_owned();
+    assert_ne!(new_public, old_public);
+    assert_eq!(log_key["previous_public_keys"], json!([old_public]));
+    for key in [&before_key, &after_key] {
+        assert_eq!(new.verify(key, None).await["valid"], json!(true));
+    }
+    let events = read_until(bus.events_topic(), |r| r.len() >= 2).await;
+    assert_eq!(events.len(), 2);
+    wait_for("the projector to list both keys", || async {
+        let mut db = PgConnection::connect(&url).await.expect("db");
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM key_listing WHERE account_id = 'rotating'")
+                .fetch_one(&mut db)
+                .await
+                .expect("count");
+        n == 2
+    })
+    .await;
+
+    // Both keys listed: the audit passes. Only the new one: the old events are named.
+    let audit = |keys: Vec<String>| {
+        let (url, bus) = (url.clone(), bus.clone());
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyledger"));
+            cmd.args(["audit", "--from", "kafka", "--json"]);
+            for k in keys {
+                cmd.args(["--public-key", &k]);
+            }
+            let out = cmd
+                .env("KEYLEDGER_DATABASE_URL", url)
+                .env("KEYLEDGER_KAFKA_BROKERS", &bus.brokers)
+                .env("KEYLEDGER_TOPIC_PREFIX", &bus.topic_prefix)
+                .output()
+                .await
+                .expect("audit runs");
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            (out.status.success(), report)
+        }
+    };
+    let (passed, report) = audit(vec![new_public.clone(), old_public.clone()]).await;
+    assert!(passed, "{report}");
+    let (passed, report) = audit(vec![old_public]).await;
+    assert!(!passed, "the new events are not the old key's: {report}");
 }

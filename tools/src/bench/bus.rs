@@ -349,7 +349,7 @@ pub async fn audit_bench(brokers: &str, events: usize) -> anyhow::Result<()> {
                 until: None,
                 validity_months: 6,
                 print_listing: false,
-                public_key: Some(public_key),
+                public_key: Some(public_key.into()),
             };
             let started = Instant::now();
             let auditor = keyledger::audit::from_kafka(&bus, opts)?;
