@@ -61,6 +61,98 @@ enum Reply {
     DeadLetter(DeadLetter),
 }
 
+/// What the consumer makes of one record before the handler sees it.
+pub enum Admission {
+    /// Not a command at all (too large, not JSON, not an envelope): a dead letter, with
+    /// the reason.
+    Dead(String),
+    /// An envelope refused as it stands (an invalid account id, a command only keyledger
+    /// may issue, a missing or weak reply key), answered with this error code.
+    Refused {
+        envelope: Box<CommandEnvelope>,
+        code: &'static str,
+        message: String,
+    },
+    /// A command for the handler.
+    Admitted {
+        envelope: Box<CommandEnvelope>,
+        request: Request,
+    },
+}
+
+/// Reads a record of the commands topic: pure, so it is fuzzed (`fuzz/`) — no input may
+/// make it panic.
+pub fn admit(raw: &[u8], max_bytes: usize) -> Admission {
+    if raw.len() > max_bytes {
+        return Admission::Dead(format!(
+            "oversized: {} bytes, the limit is {max_bytes} (original truncated to {DEAD_LETTER_KEEP} bytes)",
+            raw.len(),
+        ));
+    }
+    let envelope: Box<CommandEnvelope> = match serde_json::from_slice(raw) {
+        Ok(e) => e,
+        Err(e) => return Admission::Dead(format!("unparseable command envelope: {e}")),
+    };
+    let refuse = |envelope, code, message| Admission::Refused {
+        envelope,
+        code,
+        message,
+    };
+    let account_id = match AccountId::parse(&envelope.account_id) {
+        Ok(a) => a,
+        Err(e) => {
+            let e = KeyringError::from(e);
+            let message = e.to_string();
+            return refuse(envelope, e.code(), message);
+        }
+    };
+    if envelope.command.is_internal() {
+        let message = format!(
+            "{} is issued by keyledger itself, never over the bus",
+            envelope.command.command_type().as_str()
+        );
+        return refuse(envelope, "forbidden_command", message);
+    }
+    let needs_key = matches!(
+        envelope.command,
+        Command::GenerateKey { .. } | Command::RotateKey { .. }
+    );
+    let reply_key = if needs_key {
+        match seal::parse_public_key(envelope.reply_public_key.as_deref())
+            .map_err(|e| e.to_string())
+        {
+            Ok(k) => Some(k),
+            Err(message) => return refuse(envelope, "invalid_reply_public_key", message),
+        }
+    } else {
+        None
+    };
+    let request = Request {
+        account_id,
+        command_id: envelope.command_id,
+        actor: format!("bus:{}", envelope.issued_by.as_deref().unwrap_or("unknown")),
+        command: envelope.command.clone(),
+        reply_key,
+    };
+    Admission::Admitted { envelope, request }
+}
+
+/// A rejection of `envelope` with `code`.
+fn rejected(envelope: &CommandEnvelope, code: &str, message: String) -> CommandResult {
+    CommandResult {
+        command_id: envelope.command_id,
+        account_id: envelope.account_id.clone(),
+        status: CommandStatus::Rejected,
+        error: Some(ErrorBody {
+            code: code.to_owned(),
+            message,
+        }),
+        key_id: None,
+        sealed_api_key: None,
+        event_sequences: vec![],
+    }
+}
+
 /// A dead letter for `message` (its value cut to [`DEAD_LETTER_KEEP`] bytes).
 fn dead_letter<M: Message>(message: &M, reason: String) -> DeadLetter {
     let raw = message.payload().unwrap_or_default();
@@ -288,68 +380,17 @@ impl CommandConsumer {
     /// unacknowledged), so a database outage loses nothing.
     async fn handle<M: Message>(&self, message: &M) -> Reply {
         let raw = message.payload().unwrap_or_default();
-        let dead = |reason: String| Reply::DeadLetter(dead_letter(message, reason));
-        if raw.len() > self.bus.max_command_bytes {
-            return dead(format!(
-                "oversized: {} bytes, the limit is {} (original truncated to {} bytes)",
-                raw.len(),
-                self.bus.max_command_bytes,
-                DEAD_LETTER_KEEP
-            ));
-        }
-        let envelope: CommandEnvelope = match serde_json::from_slice(raw) {
-            Ok(e) => e,
-            Err(e) => return dead(format!("unparseable command envelope: {e}")),
+        let (envelope, request) = match admit(raw, self.bus.max_command_bytes) {
+            Admission::Dead(reason) => return Reply::DeadLetter(dead_letter(message, reason)),
+            Admission::Refused {
+                envelope,
+                code,
+                message,
+            } => return Reply::Result(rejected(&envelope, code, message)),
+            Admission::Admitted { envelope, request } => (envelope, request),
         };
-        let reject = |code: &str, message: String| {
-            Reply::Result(CommandResult {
-                command_id: envelope.command_id,
-                account_id: envelope.account_id.clone(),
-                status: CommandStatus::Rejected,
-                error: Some(ErrorBody {
-                    code: code.to_owned(),
-                    message,
-                }),
-                key_id: None,
-                sealed_api_key: None,
-                event_sequences: vec![],
-            })
-        };
-        let account_id = match AccountId::parse(&envelope.account_id) {
-            Ok(a) => a,
-            Err(e) => {
-                let e = KeyringError::from(e);
-                return reject(e.code(), e.to_string());
-            }
-        };
-        if envelope.command.is_internal() {
-            return reject(
-                "forbidden_command",
-                format!(
-                    "{} is issued by keyledger itself, never over the bus",
-                    envelope.command.command_type().as_str()
-                ),
-            );
-        }
-        let needs_key = matches!(
-            envelope.command,
-            Command::GenerateKey { .. } | Command::RotateKey { .. }
-        );
-        let reply_key = if needs_key {
-            match seal::parse_public_key(envelope.reply_public_key.as_deref()) {
-                Ok(k) => Some(k),
-                Err(e) => return reject("invalid_reply_public_key", e.to_string()),
-            }
-        } else {
-            None
-        };
-        let request = Request {
-            account_id,
-            command_id: envelope.command_id,
-            actor: format!("bus:{}", envelope.issued_by.as_deref().unwrap_or("unknown")),
-            command: envelope.command.clone(),
-            reply_key,
-        };
+        let reject =
+            |code: &str, message: String| Reply::Result(rejected(&envelope, code, message));
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
             match self.handler.execute(request.clone()).await {

@@ -96,7 +96,7 @@ fn parse_record(fields: &csv::StringRecord) -> Result<Row, String> {
 }
 
 /// The checks the aggregate would make, made before anything is sent.
-fn validate(row: &Row, now: DateTime<Utc>) -> Result<(), String> {
+pub fn validate(row: &Row, now: DateTime<Utc>) -> Result<(), String> {
     AccountId::parse(&row.account_id).map_err(|e| format!("invalid account id: {e}"))?;
     let login =
         LoginEmail::parse(&row.login_email).map_err(|e| format!("invalid login email: {e}"))?;

@@ -1,6 +1,6 @@
 //! `GET /v1/reminders`: the reminders and expiries ahead, for operators.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::extract::ApiQuery;
 use super::AppState;
 
 #[derive(Deserialize)]
@@ -40,7 +41,7 @@ const MAX_KEYS: i64 = 10_000;
 
 pub async fn upcoming(
     State(state): State<AppState>,
-    Query(q): Query<UpcomingQuery>,
+    ApiQuery(q): ApiQuery<UpcomingQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let days = q.days.unwrap_or(30);
     if !(0..=400).contains(&days) {

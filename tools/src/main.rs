@@ -78,7 +78,7 @@ enum BenchWhat {
         #[arg(long, value_enum, default_value = "wrk")]
         generator: bench::http::Generator,
         /// Add a phase under a flood of made-up legacy-shaped keys (wrk; the server needs
-        /// KEYLEDGER_LEGACY_SALT).
+        /// KEYLEDGER_LEGACY_SALT and a KEYLEDGER_LEGACY_EXPIRY in the future).
         #[arg(long)]
         legacy_flood: bool,
     },

@@ -12,7 +12,8 @@
 //! With `--legacy-flood` (wrk only) a last phase verifies the valid keys in turn again while
 //! a second wrk floods the server with made-up keys shaped like a migrated legacy key's
 //! username — the attack the legacy gate (`src/read_side/legacy.rs`) exists for. The server
-//! must run with `KEYLEDGER_LEGACY_SALT` set, or the flood never reaches the slow path.
+//! must run with `KEYLEDGER_LEGACY_SALT` set (a real bcrypt salt) and a legacy cut-off in
+//! the future (`KEYLEDGER_LEGACY_EXPIRY`), or the flood never reaches the slow path.
 //!
 //! The generated keys live in memory only and are never printed.
 
@@ -279,10 +280,11 @@ async fn under_flood(
     keys: &[String],
 ) -> anyhow::Result<Flooded> {
     let user = format!("legacy{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    // The hash's shape is all that matters: every flood key misses it anyway.
+    // A real bcrypt hash tail (every flood key misses it anyway), so each check the gate
+    // lets through costs a real bcrypt under the server's salt.
     let body = json!({
         "login_email": format!("{user}@agency.gov.sg"),
-        "legacy_hash": format!("{user}_v1_{}", "abcdefghijklmnopqrstuvwxyz01234"),
+        "legacy_hash": format!("{user}_v1_{}", "IjZAgcfl7p92ldGxad68LJZdL17lhWy"),
     });
     client
         .post(format!("{}/v1/accounts/bench-{user}/legacy-key", s.url))

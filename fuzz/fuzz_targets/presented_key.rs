@@ -1,0 +1,20 @@
+//! A presented key (the body of every verify): parses or is malformed, never panics; what
+//! parses is exactly its parts.
+#![no_main]
+
+use keyledger::domain::PresentedKey;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(key) = PresentedKey::parse(text) {
+        assert_eq!(key.as_str(), text);
+        assert_eq!(
+            format!("{}_v1_{}", key.username(), key.secret()),
+            text,
+            "a parsed key is exactly its parts"
+        );
+    }
+});
