@@ -8,6 +8,8 @@
 //! - bcrypt runs one at a time and at most `rate` times a second; past that the key is
 //!   answered unknown (a legitimate legacy caller retries; legacy keys are on their way
 //!   out anyway);
+//! - it runs on a thread of its own at the lowest CPU priority (nice 19), so under load
+//!   the verifications of ordinary keys go first;
 //! - a miss is remembered (by its keyed hash), so the same wrong key costs one bcrypt;
 //! - every unknown key of a well-formed shape takes about as long as a bcrypt would — an
 //!   async wait, no CPU — whether or not one ran, so timing reveals nothing.
@@ -28,8 +30,37 @@ const MISSES_KEPT: usize = 100_000;
 /// What an unknown key's answer waits for before any bcrypt was measured.
 const TYPICAL_BCRYPT: Duration = Duration::from_millis(60);
 
+/// Counts one legacy check by its outcome (matched, missed, busy, limited).
+fn checked(outcome: &'static str) {
+    crate::metrics::metrics().count("keyledger_legacy_checks_total", &[("outcome", outcome)], 1);
+}
+
+/// One bcrypt check, run on the gate's worker thread.
+type Check = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs the checks, at the lowest CPU priority.
+fn spawn_worker() -> Option<std::sync::mpsc::Sender<Check>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Check>();
+    std::thread::Builder::new()
+        .name("legacy-bcrypt".into())
+        .spawn(move || {
+            // On Linux a thread is a task of its own: this lowers this thread only.
+            // SAFETY: setpriority has no memory-safety preconditions.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+            while let Ok(check) = rx.recv() {
+                check();
+            }
+        })
+        .ok()?;
+    Some(tx)
+}
+
 pub struct LegacyGate {
     one_at_a_time: Semaphore,
+    worker: Mutex<Option<std::sync::mpsc::Sender<Check>>>,
     /// (tokens, when last refilled) of the rate limit.
     bucket: Mutex<(f64, Instant)>,
     per_second: f64,
@@ -45,6 +76,7 @@ impl LegacyGate {
         let per_second = per_second.max(0.1);
         Self {
             one_at_a_time: Semaphore::new(1),
+            worker: Mutex::new(spawn_worker()),
             bucket: Mutex::new((per_second.max(1.0), Instant::now())),
             per_second,
             misses: Mutex::new((HashSet::new(), 0)),
@@ -135,36 +167,31 @@ impl LegacyGate {
             return Err(Rejection::Unknown);
         }
         let Ok(_turn) = self.one_at_a_time.try_acquire() else {
-            crate::metrics::metrics().count(
-                "keyledger_legacy_checks_total",
-                &[("outcome", "busy")],
-                1,
-            );
+            checked("busy");
             return Err(Rejection::Unknown);
         };
         if !self.take_token() {
-            crate::metrics::metrics().count(
-                "keyledger_legacy_checks_total",
-                &[("outcome", "limited")],
-                1,
-            );
+            checked("limited");
             return Err(Rejection::Unknown);
         }
         let bcrypt_started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            read_side.verify_legacy(&presented, from.as_deref(), now)
-        })
-        .await
-        .unwrap_or(Err(Rejection::Unknown));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let check: Check = Box::new(move || {
+            let _ = tx.send(read_side.verify_legacy(&presented, from.as_deref(), now));
+        });
+        let sent = self
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|w| w.send(check).is_ok());
+        let outcome = if sent {
+            rx.await.unwrap_or(Err(Rejection::Unknown))
+        } else {
+            Err(Rejection::Unknown)
+        };
         self.measured(bcrypt_started.elapsed());
-        crate::metrics::metrics().count(
-            "keyledger_legacy_checks_total",
-            &[(
-                "outcome",
-                if outcome.is_ok() { "matched" } else { "missed" },
-            )],
-            1,
-        );
+        checked(if outcome.is_ok() { "matched" } else { "missed" });
         if outcome.is_err() {
             self.missed(hash);
         }

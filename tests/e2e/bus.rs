@@ -64,6 +64,18 @@ pub(crate) fn results_for(records: &[Record], command_id: Uuid) -> Vec<Value> {
         .collect()
 }
 
+/// The first result of `command_id` on `bus`'s results topic (waits up to [`WAIT`]).
+pub(crate) async fn first_result(bus: &keyledger::kafka::BusConfig, command_id: Uuid) -> Value {
+    let results = read_until(bus.results_topic(), move |r| {
+        !results_for(r, command_id).is_empty()
+    })
+    .await;
+    results_for(&results, command_id)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no result for command {command_id}"))
+}
+
 pub(crate) async fn wait_for<F: std::future::Future<Output = bool>>(
     what: &str,
     mut check: impl FnMut() -> F,

@@ -235,6 +235,12 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.get_open("/metrics").await;
+        response.text().await.expect("metrics")
+    }
+
     /// `GET path` without a token (the open routes).
     pub async fn get_open(&self, path: &str) -> reqwest::Response {
         self.http

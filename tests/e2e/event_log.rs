@@ -164,12 +164,7 @@ async fn a_consumer_whose_next_records_were_deleted_halts_instead_of_skipping() 
         body["checks"]["consumers"]["index-follower"].is_null(),
         "{body}"
     );
-    let metrics = app
-        .get_open("/metrics")
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("keyledger_consumer_halted{consumer=\"keyledger-projector\"} 1"),
         "{metrics}"

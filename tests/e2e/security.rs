@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
-use crate::bus::{generate_envelope, read_quiet, read_until, reply_key, results_for, wait_for};
+use crate::bus::{
+    first_result, generate_envelope, read_quiet, read_until, reply_key, results_for, wait_for,
+};
 use crate::common::{settings, Backing, TestApp, LOGIN, PEPPER, SIGNING_KEY};
 use crate::kafka::{self, kill9, produce, spawn_process};
 
@@ -155,11 +157,7 @@ async fn an_internal_command_on_the_bus_is_refused_and_sends_nothing() {
     });
     let value = serde_json::to_vec(&envelope).expect("json");
     produce(&kafka::producer(), &bus.commands_topic(), "acct-r", &value).await;
-    let results = read_until(bus.results_topic(), move |r| {
-        !results_for(r, command_id).is_empty()
-    })
-    .await;
-    let result = &results_for(&results, command_id)[0];
+    let result = &first_result(&bus, command_id).await;
     assert_eq!(result["status"], "rejected", "{result}");
     assert_eq!(result["error"]["code"], "forbidden_command", "{result}");
     let notifications = read_quiet(bus.notifications_topic(), Duration::from_secs(3)).await;
@@ -263,12 +261,7 @@ async fn a_forged_record_on_the_events_topic_is_refused_and_named_by_the_audit()
     assert_eq!(app.verify(&forged_key, None).await["valid"], json!(false));
     assert_eq!(app.verify(&real_key, None).await["valid"], json!(true));
     assert_eq!(listed().await, 1, "the forged key is not listed");
-    let metrics = app
-        .get_open("/metrics")
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("keyledger_events_refused_total"),
         "counted"
@@ -368,11 +361,7 @@ async fn the_bus_runs_over_sasl_scram_and_tls() {
     };
     let value = generate_envelope(command_id, "acct-s", "second", &pk);
     produce(&secured_producer, &bus.commands_topic(), "acct-s", &value).await;
-    let results = read_until(bus.results_topic(), move |r| {
-        !results_for(r, command_id).is_empty()
-    })
-    .await;
-    assert_eq!(results_for(&results, command_id)[0]["status"], "accepted");
+    assert_eq!(first_result(&bus, command_id).await["status"], "accepted");
 
     // A wrong password: the service refuses to start, and says so without the password.
     let mut wrong = secured("not-the-password");
@@ -463,11 +452,7 @@ async fn a_rotation_committed_before_a_crash_still_reaches_its_caller() {
         &generate_envelope(generate, "acct-k", "prod", &pk),
     )
     .await;
-    let results = read_until(bus.results_topic(), move |r| {
-        !results_for(r, generate).is_empty()
-    })
-    .await;
-    let key_id = results_for(&results, generate)[0]["key_id"].clone();
+    let key_id = first_result(&bus, generate).await["key_id"].clone();
 
     // No result can be published from now on: the results topic is gone.
     let admin: rdkafka::admin::AdminClient<_> = rdkafka::ClientConfig::new()
@@ -523,11 +508,7 @@ async fn a_rotation_committed_before_a_crash_still_reaches_its_caller() {
 
     // Back up: the topic is made again, the command is delivered again.
     let mut service = spawn_process(&url, &bus, "all").await;
-    let results = read_until(bus.results_topic(), move |r| {
-        !results_for(r, rotate).is_empty()
-    })
-    .await;
-    let result = results_for(&results, rotate)[0].clone();
+    let result = first_result(&bus, rotate).await;
     assert_eq!(result["status"], "duplicate", "{result}");
     let sealed = STANDARD
         .decode(
@@ -682,11 +663,7 @@ async fn an_oversized_result_is_dead_lettered_and_weak_reply_keys_are_refused() 
         &generate_envelope(weak, "acct-o", "three", &zero),
     )
     .await;
-    let results = read_until(bus.results_topic(), move |r| {
-        !results_for(r, weak).is_empty()
-    })
-    .await;
-    let result = &results_for(&results, weak)[0];
+    let result = &first_result(&bus, weak).await;
     assert_eq!(result["status"], "rejected", "{result}");
     assert!(
         result["error"]["message"]
@@ -724,12 +701,7 @@ async fn an_unreadable_outbox_row_stops_only_its_account() {
     assert!(events
         .iter()
         .all(|e| e.json()["account_id"] != "acct-broken"));
-    let metrics = app
-        .get_open("/metrics")
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("keyledger_relay_stuck_accounts_total"),
         "{metrics}"

@@ -242,13 +242,15 @@ pub async fn run(s: HttpSettings) -> anyhow::Result<Vec<Phase>> {
         );
     }
     if let Some(f) = &flood {
-        let alone = phases[2].rate;
+        let alone = (f.alone.0 + f.alone.1) / 2.0;
         println!();
         println!(
-            "Under the flood: valid keys in turn at {:.2}× their rate alone; the flood (wrk, 1 thread, 64 connections, \
+            "Under the flood: valid keys in turn at {:.2}× their rate alone (the mean of {:.0}/s just before and {:.0}/s just after); the flood (wrk, 1 thread, 64 connections, \
              a new made-up key of a username with a live legacy key each time) got {:.0} answers/s, \
              p50 {:.0} ms (the padding that hides whether a bcrypt ran); bcrypt ran {} times in {} s.",
             f.valid.rate / alone,
+            f.alone.0,
+            f.alone.1,
             f.flood.rate,
             f.flood.p50_ms,
             f.bcrypt_runs,
@@ -270,6 +272,9 @@ struct Flooded {
     valid: Phase,
     flood: Phase,
     bcrypt_runs: u64,
+    /// The valid keys in turn alone, just before and just after the flood: the ratio is
+    /// taken against their mean, so a drift of the machine between phases cancels out.
+    alone: (f64, f64),
 }
 
 /// Migrates a legacy key (so its username has a live candidate), then verifies the valid
@@ -294,6 +299,7 @@ async fn under_flood(
         .await?
         .error_for_status()
         .context("cannot migrate the legacy key the flood aims at")?;
+    let alone_before = wrk(s, keys, Target::Verify { from: false }, "alone before").await?;
     let before = bcrypt_runs(client, s).await?;
     let flood_seconds = Settings {
         seconds: s.seconds + 2,
@@ -309,10 +315,14 @@ async fn under_flood(
     let (flood, valid) = tokio::join!(flood, valid);
     let (flood, valid) = (flood?, valid?);
     let after = bcrypt_runs(client, s).await?;
+    // Let the last padded answers drain before measuring alone again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let alone_after = wrk(s, keys, Target::Verify { from: false }, "alone after").await?;
     Ok(Flooded {
         valid,
         flood,
         bcrypt_runs: after.saturating_sub(before),
+        alone: (alone_before.rate, alone_after.rate),
     })
 }
 
