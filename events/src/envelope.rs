@@ -109,6 +109,18 @@ impl DecodedEvent {
     /// forger would have to find a payload and previous value hashing to a value keyledger
     /// signed.
     pub fn vouched_for(&self, keys: &crate::signature::LogKeys) -> Result<(), Unsigned> {
+        let (carried, signature) = self.chain_holds()?;
+        if !keys.verifies(&carried, signature) {
+            return Err(Unsigned::Signature);
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Self::vouched_for`]: the carried chain value recomputes from
+    /// `previous_chain` and the payload. Returns it with the signature still to check (a
+    /// caller that has seen this exact pair verify may skip the second half; never this
+    /// one, which binds the pair to this payload).
+    pub fn chain_holds(&self) -> Result<([u8; 32], &str), Unsigned> {
         let (Some(previous), Some(signature)) = (&self.previous_chain, &self.signature) else {
             return Err(Unsigned::Missing);
         };
@@ -117,10 +129,7 @@ impl DecodedEvent {
         if chain::next(&previous, &self.account_id, self.sequence, &self.event) != carried {
             return Err(Unsigned::Chain);
         }
-        if !keys.verifies(&carried, signature) {
-            return Err(Unsigned::Signature);
-        }
-        Ok(())
+        Ok((carried, signature))
     }
 }
 

@@ -7,12 +7,13 @@
 //! A record the log's key does not vouch for ([`Vouch`]) is never applied: it goes to the
 //! dead letters with the reason, is counted, and consumption goes on.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use keyledger_events::signature::LogKeys;
-use keyledger_events::{decode_event, DeadLetter, DecodedEvent};
+use keyledger_events::{decode_event, DeadLetter, DecodedEvent, Unsigned};
 use rdkafka::message::Message;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -29,12 +30,23 @@ const GATHER: Duration = Duration::from_millis(10);
 
 /// What a consumer of the events topic checks every record against: the log's public key,
 /// and where a record it refuses goes.
+///
+/// Every consumer of a process shares one `Vouch` (clones share its memory): the projector,
+/// the index follower, the saga and the notifier all read each event, and an Ed25519
+/// verification is the dearest part of reading one, so a (chain value, signature) pair
+/// that verified once is not verified again in this process. The chain value itself is
+/// recomputed from each record's payload every time, which binds the remembered pair to
+/// the payload: a forger cannot reuse a real pair for another event.
 #[derive(Clone)]
 pub struct Vouch {
     pub keys: LogKeys,
     pub dead_letters: Publisher,
     pub topic: String,
+    verified: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
+
+/// Most verified pairs remembered (then forgotten all at once).
+const VERIFIED_KEPT: usize = 200_000;
 
 impl Vouch {
     pub fn new(bus: &BusConfig, keys: LogKeys) -> Result<Self, BusError> {
@@ -42,7 +54,29 @@ impl Vouch {
             keys,
             dead_letters: Publisher::new(bus, 5)?,
             topic: bus.dead_letters_topic(),
+            verified: Arc::default(),
         })
+    }
+
+    /// Whether `decoded` is vouched for by the log's keys, remembering verified pairs.
+    fn vouched(&self, decoded: &DecodedEvent) -> Result<(), Unsigned> {
+        let (chain, signature) = decoded.chain_holds()?;
+        let mut pair = blake3::Hasher::new();
+        pair.update(&chain).update(signature.as_bytes());
+        let pair: [u8; 32] = pair.finalize().into();
+        let known = || self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if known().contains(&pair) {
+            return Ok(());
+        }
+        if !self.keys.verifies(&chain, signature) {
+            return Err(Unsigned::Signature);
+        }
+        let mut known = known();
+        if known.len() >= VERIFIED_KEPT {
+            known.clear();
+        }
+        known.insert(pair);
+        Ok(())
     }
 
     /// Whether `decoded` (read from `message`) is one keyledger wrote; a refused record is
@@ -53,7 +87,7 @@ impl Vouch {
         decoded: &DecodedEvent,
         message: &M,
     ) -> bool {
-        let Err(why) = decoded.vouched_for(&self.keys) else {
+        let Err(why) = self.vouched(decoded) else {
             return true;
         };
         self.refuse(consumer, &format!("forged: {why}"), message)
