@@ -99,6 +99,37 @@ pub enum HandleError {
     Unavailable(String),
 }
 
+/// The saga issues its commands here, as the actor `saga`.
+#[async_trait::async_trait]
+impl crate::reminders::saga::Issuer for CommandHandler {
+    async fn issue(
+        &self,
+        account_id: AccountId,
+        command_id: Uuid,
+        command: Command,
+    ) -> crate::reminders::saga::Fired {
+        use crate::reminders::saga::Fired;
+        let request = Request {
+            account_id,
+            command_id,
+            actor: "saga".into(),
+            command,
+            reply_key: None,
+        };
+        match self.execute(request).await {
+            Ok(outcome) => Fired::Decided {
+                events: outcome.events,
+                status: match outcome.status {
+                    Status::Accepted => "accepted",
+                    Status::Duplicate => "duplicate",
+                },
+            },
+            Err(HandleError::Rejected(e)) => Fired::Declined(e.code()),
+            Err(e) => Fired::Failed(e.to_string()),
+        }
+    }
+}
+
 pub struct CommandHandler {
     store: Arc<Store>,
     services: KeyringServices,

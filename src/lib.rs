@@ -28,8 +28,9 @@
 //! | 6 | [`app`] | assembles and runs the service from [`config`] |
 //! | — | [`config`], [`metrics`], [`telemetry`] | settings, Prometheus metrics, logs (used at every layer) |
 //!
-//! The reminder saga's firing (in [`reminders`]) issues commands through the [`handler`];
-//! it is started by [`app`] like a layer-5 role. The wire contract (commands, events,
+//! The reminder saga's firing (in [`reminders`]) issues commands through its `Issuer` trait,
+//! which the [`handler`] implements from the layer above (no upward import); [`app`] starts
+//! it like a layer-5 role. The wire contract (commands, events,
 //! envelopes, the hash chain) is the `keyledger-events` crate; the read models as pure folds
 //! are `keyledger-projections`; load tools are `keyledger-tools`, outside this binary.
 

@@ -5,7 +5,7 @@
 //! its result (or dead letter) is acknowledged by the broker, and only then is its offset
 //! recorded in PostgreSQL (at most every 250 ms per partition). After a crash the message is handled again; the aggregate
 //! recognises the command id and the second result says `duplicate`. Several instances share
-//! the work as one consumer group ([`super::group`]: each partition resumes at the offset
+//! the work as one consumer group ([`crate::kafka::group`]: each partition resumes at the offset
 //! stored in PostgreSQL).
 
 use std::collections::HashMap;

@@ -2,7 +2,7 @@
 //! ([`BusConfig`]), the topics and their settings ([`topics`]), the idempotent producer
 //! ([`publisher`]), the consumer group whose offsets live in PostgreSQL ([`group`]), the
 //! record of parts halted on an offset the log no longer holds ([`halt`]), and the
-//! supervisor that keeps a part running through outages ([`supervise`]). The parts
+//! supervisor that keeps a part running through outages (`supervise`). The parts
 //! themselves — relay, command consumer, projector, index follower — are in `bus/`.
 
 pub mod group;

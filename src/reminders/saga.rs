@@ -3,7 +3,8 @@
 //! Keeping: each batch of events (from the events topic, or from the event store when
 //! there is no bus) updates the schedule and moves the saga's checkpoints in one
 //! transaction. Firing: every tick, the keys with a stage due by the service's clock get
-//! SendExpiryReminder or ExpireKey through the command handler. Command ids derive from
+//! SendExpiryReminder or ExpireKey through an [`Issuer`] — the command handler, which
+//! implements it from the layer above, so this module does not depend on it. Command ids derive from
 //! key and stage, so two saga instances, or a firing repeated after a crash, record one
 //! event; a stage is taken off the schedule only when its event comes back from the log.
 
@@ -18,7 +19,6 @@ use uuid::Uuid;
 use super::schedule::{change, scheduled_key, Change, KeySchedule, Stages};
 use super::store;
 use crate::domain::{AccountId, Clock};
-use crate::handler::{CommandHandler, HandleError, Request};
 use crate::projection::Projection;
 use crate::store::{Store, StoreError, StoredRecord, Tx};
 
@@ -113,10 +113,36 @@ impl Projection for Saga {
     }
 }
 
+/// What became of a command the saga issued.
+pub enum Fired {
+    /// Decided: the events it recorded (none when it had been decided before) and how
+    /// (`accepted`, `duplicate`).
+    Decided {
+        events: Vec<keyledger_events::KeyringEvent>,
+        status: &'static str,
+    },
+    /// The keyring declined it (the key was revoked, expired or is gone), with the code.
+    Declined(&'static str),
+    /// Not decided now (the store is down, the account contended): fire again later.
+    Failed(String),
+}
+
+/// Where the saga's commands go: the command handler (`handler.rs` implements this), with
+/// the actor `saga`.
+#[async_trait]
+pub trait Issuer: Send + Sync {
+    async fn issue(
+        &self,
+        account_id: AccountId,
+        command_id: Uuid,
+        command: keyledger_events::Command,
+    ) -> Fired;
+}
+
 /// Fires due stages every `tick` until stopped.
 pub struct Firing {
     pub saga: Arc<Saga>,
-    pub handler: Arc<CommandHandler>,
+    pub handler: Arc<dyn Issuer>,
     pub clock: Arc<dyn Clock>,
     pub tick: Duration,
 }
@@ -158,34 +184,27 @@ impl Firing {
                 tracing::error!(account_id = %schedule.account_id, "schedule names an invalid account");
                 continue;
             };
-            let request = Request {
-                account_id,
-                command_id,
-                actor: "saga".into(),
-                command,
-                reply_key: None,
-            };
             issued += 1;
-            match self.handler.execute(request).await {
-                Ok(outcome) => {
-                    count_decisions(&outcome.events);
+            match self.handler.issue(account_id, command_id, command).await {
+                Fired::Decided { events, status } => {
+                    count_decisions(&events);
                     tracing::info!(
                         account_id = %schedule.account_id,
                         key_id = %schedule.key_id,
                         action = ?action,
-                        status = ?outcome.status,
+                        status,
                         "reminder saga fired"
                     )
                 }
                 // The key was revoked, expired or is gone: its event removes the schedule.
-                Err(HandleError::Rejected(e)) => tracing::info!(
+                Fired::Declined(code) => tracing::info!(
                     account_id = %schedule.account_id,
                     key_id = %schedule.key_id,
                     action = ?action,
-                    code = e.code(),
+                    code,
                     "reminder saga: the keyring declined"
                 ),
-                Err(e) => {
+                Fired::Failed(e) => {
                     fired.remove(&command_id);
                     tracing::warn!(key_id = %schedule.key_id, error = %e, "reminder saga cannot fire; retrying");
                 }
