@@ -128,6 +128,10 @@ pub(crate) enum Backend {
     Sqlite {
         pool: SqlitePool,
         events: PersistedEventStore<SqliteEventRepository, Keyring>,
+        /// A read-only connection of its own for the health checks: the one writing
+        /// connection may be busy with a catch-up for a while, which is not a database
+        /// that is down.
+        probe: SqlitePool,
     },
 }
 
@@ -224,11 +228,19 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options)
+            .connect_with(options.clone())
+            .await?;
+        let probe = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.read_only(true))
             .await?;
         let events = PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()));
         Ok(Self {
-            backend: Backend::Sqlite { pool, events },
+            backend: Backend::Sqlite {
+                pool,
+                events,
+                probe,
+            },
         })
     }
 
@@ -257,9 +269,14 @@ impl Store {
 
     /// Answers when the database does.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        with_pool!(self, |pool| {
-            sqlx::query("SELECT 1").execute(pool).await?;
-        });
+        match &self.backend {
+            Backend::Postgres { pool, .. } => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Backend::Sqlite { probe, .. } => {
+                sqlx::query("SELECT 1").execute(probe).await?;
+            }
+        }
         Ok(())
     }
 
