@@ -27,11 +27,7 @@ pub enum LogKeyError {
 impl LogKey {
     /// From the base64 `GET /v1/log-key` serves.
     pub fn from_base64(s: &str) -> Result<Self, LogKeyError> {
-        let bytes: [u8; 32] = STANDARD
-            .decode(s.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(LogKeyError::Encoding)?;
+        let bytes = base64_array::<32>(s).ok_or(LogKeyError::Encoding)?;
         Self::from_bytes(&bytes)
     }
 
@@ -123,9 +119,14 @@ impl From<LogKey> for LogKeys {
     }
 }
 
+/// Exactly `N` bytes from standard base64 (surrounding white space ignored): the shape of
+/// every key, seed and signature keyledger reads.
+pub fn base64_array<const N: usize>(s: &str) -> Option<[u8; N]> {
+    STANDARD.decode(s.trim()).ok()?.try_into().ok()
+}
+
 fn decode(signature: &str) -> Option<Signature> {
-    let bytes: [u8; 64] = STANDARD.decode(signature).ok()?.try_into().ok()?;
-    Some(Signature::from_bytes(&bytes))
+    base64_array::<64>(signature).map(|bytes| Signature::from_bytes(&bytes))
 }
 
 #[cfg(test)]

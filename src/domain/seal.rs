@@ -27,10 +27,7 @@ pub enum SealError {
 /// like), to which a sealed box would be encrypted under a shared secret anyone can compute.
 pub fn parse_public_key(b64: Option<&str>) -> Result<PublicKey, SealError> {
     let b64 = b64.ok_or(SealError::Missing)?;
-    let bytes = STANDARD
-        .decode(b64.trim())
-        .map_err(|_| SealError::Invalid)?;
-    let bytes: [u8; 32] = bytes.try_into().map_err(|_| SealError::Invalid)?;
+    let bytes = keyledger_events::signature::base64_array::<32>(b64).ok_or(SealError::Invalid)?;
     let point = curve25519_dalek::montgomery::MontgomeryPoint(bytes);
     // A point on the curve whose order divides the cofactor; twist points are not, and
     // libsodium accepts them too.

@@ -6,7 +6,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey};
-use keyledger_events::signature::LogKey;
+use keyledger_events::signature::{base64_array, LogKey};
 use rand::RngCore;
 
 /// Signs chain values. `Debug` shows the public key only.
@@ -30,11 +30,7 @@ pub struct SigningKeyError;
 impl LogSigner {
     /// From the base64 of a 32-byte seed.
     pub fn from_base64(seed: &str) -> Result<Self, SigningKeyError> {
-        let bytes: [u8; 32] = STANDARD
-            .decode(seed.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(SigningKeyError)?;
+        let bytes = base64_array::<32>(seed).ok_or(SigningKeyError)?;
         Ok(Self {
             key: SigningKey::from_bytes(&bytes),
         })
