@@ -250,6 +250,13 @@ impl Application {
                 )));
             }
         }
+        if roles.http {
+            tasks.push(tokio::spawn(crate::rotation::run(
+                read_side.clone(),
+                handler.clone(),
+                stopped.clone(),
+            )));
+        }
         let saga = Arc::new(Saga::new(store.clone(), settings.reminders.stages.clone()));
         if roles.saga {
             tasks.push(feed(saga.clone(), SAGA));

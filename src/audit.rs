@@ -179,7 +179,10 @@ impl Auditor {
     /// Whether this event is in scope (`--account`, `--until`).
     pub fn wants(&self, account: &str, event: &KeyringEvent) -> bool {
         self.opts.account.as_deref().is_none_or(|a| a == account)
-            && self.opts.until.is_none_or(|t| event.occurred_at() <= t)
+            && self
+                .opts
+                .until
+                .is_none_or(|t| keyledger_projections::happened_by(event, t))
     }
 
     /// Folds one event; `carried` is the chain value the source holds for it, `signature`
@@ -891,6 +894,8 @@ mod tests {
                 command_id: Uuid::nil(),
                 key_id: Uuid::from_u128(1),
                 revoked_at: t,
+                cause: None,
+                source: None,
             }),
             None,
             None,

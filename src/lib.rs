@@ -25,6 +25,7 @@
 //! | 5 | [`http`] | the HTTP API |
 //! | 5 | [`cli`] | the operator's command line (`keys` and `reminders` are HTTP clients) |
 //! | 5 | [`audit`] | `keyledger audit`: replays the log and proves what happened |
+//! | 5 | [`rotation`] | ends a first-use rotation when its successor is first verified |
 //! | 6 | [`app`] | assembles and runs the service from [`config`] |
 //! | — | [`config`], [`metrics`], [`telemetry`] | settings, Prometheus metrics, logs (used at every layer) |
 //!
@@ -49,6 +50,7 @@ pub mod notify;
 pub mod projection;
 pub mod read_side;
 pub mod reminders;
+pub mod rotation;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;

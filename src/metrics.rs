@@ -137,6 +137,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Accounts whose next outbox row could not be read; their events are held back (every other account goes on).",
     ),
     (
+        "keyledger_index_lag_seconds",
+        "gauge",
+        "How long the last event from another instance's commit took to reach this instance's verification index (events topic or LISTEN): a revocation elsewhere is refused here that much later.",
+    ),
+    (
+        "keyledger_rotations_ended_on_first_use_total",
+        "counter",
+        "Old keys this instance revoked because their successor (revoke_old_on_first_use) was verified.",
+    ),
+    (
         "keyledger_legacy_checks_total",
         "counter",
         "bcrypt checks of legacy keys, by outcome (valid, miss, busy, limited).",

@@ -160,6 +160,8 @@ mod tests {
                 command_id: Uuid::from_u128(n),
                 key_id: Uuid::from_u128(n),
                 revoked_at: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+                cause: None,
+                source: None,
             })
         };
         let a = next(&next(&GENESIS, "acc", 1, &e(1)), "acc", 2, &e(2));

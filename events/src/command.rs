@@ -50,6 +50,10 @@ pub enum Command {
         label: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         grace_seconds: Option<i64>,
+        /// Revoke the old key (`cause = rotated`) as soon as the new one is first verified
+        /// instead of waiting for the end of the grace.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        revoke_old_on_first_use: bool,
     },
     /// Record that a key has reached its expiry (accepted only at or after it).
     ExpireKey { key_id: Uuid },
@@ -62,6 +66,11 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         skipping: Vec<u32>,
     },
+    /// keyledger's own, on the first verification of `new_key_id`: revoke the key it
+    /// succeeded when that rotation asked for `revoke_old_on_first_use`. Issued with a
+    /// command id derived from `new_key_id`, so however many instances see the first use,
+    /// one revocation is recorded.
+    RetireRotatedKey { new_key_id: Uuid },
     /// Bring over the account's single pre-multi-key (legacy) key.
     MigrateLegacyKey {
         login_email: String,
@@ -80,6 +89,7 @@ pub enum CommandType {
     RotateKey,
     ExpireKey,
     SendExpiryReminder,
+    RetireRotatedKey,
     MigrateLegacyKey,
 }
 
@@ -92,6 +102,7 @@ impl CommandType {
             CommandType::RotateKey => "RotateKey",
             CommandType::ExpireKey => "ExpireKey",
             CommandType::SendExpiryReminder => "SendExpiryReminder",
+            CommandType::RetireRotatedKey => "RetireRotatedKey",
             CommandType::MigrateLegacyKey => "MigrateLegacyKey",
         }
     }
@@ -99,9 +110,13 @@ impl CommandType {
 
 impl Command {
     /// Whether only keyledger itself may issue this command (the reminder saga's
-    /// SendExpiryReminder): refused from HTTP and the bus with `forbidden_command`.
+    /// SendExpiryReminder, the first-use RetireRotatedKey): refused from HTTP and the bus
+    /// with `forbidden_command`.
     pub fn is_internal(&self) -> bool {
-        matches!(self, Command::SendExpiryReminder { .. })
+        matches!(
+            self,
+            Command::SendExpiryReminder { .. } | Command::RetireRotatedKey { .. }
+        )
     }
 
     pub fn command_type(&self) -> CommandType {
@@ -112,6 +127,7 @@ impl Command {
             Command::RotateKey { .. } => CommandType::RotateKey,
             Command::ExpireKey { .. } => CommandType::ExpireKey,
             Command::SendExpiryReminder { .. } => CommandType::SendExpiryReminder,
+            Command::RetireRotatedKey { .. } => CommandType::RetireRotatedKey,
             Command::MigrateLegacyKey { .. } => CommandType::MigrateLegacyKey,
         }
     }

@@ -288,6 +288,8 @@ mod tests {
             command_id: Uuid::from_u128(7),
             key_id: Uuid::from_u128(8),
             revoked_at: DateTime::<Utc>::UNIX_EPOCH,
+            cause: None,
+            source: None,
         })
     }
 

@@ -50,6 +50,35 @@ pub struct KeyRevoked {
     pub command_id: Uuid,
     pub key_id: Uuid,
     pub revoked_at: DateTime<Utc>,
+    /// Why: absent for a revocation someone asked for (`requested`), `rotated` when a
+    /// rotation ended on the successor's first use, `leaked` for a leak report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<RevokeCause>,
+    /// Where a leaked key was found (with `cause = leaked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Why a key was revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RevokeCause {
+    /// A caller revoked it (RevokeKey); recorded as no cause at all.
+    Requested,
+    /// Its successor was verified for the first time (`revoke_old_on_first_use`).
+    Rotated,
+    /// It was reported as leaked.
+    Leaked,
+}
+
+impl RevokeCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeCause::Requested => "requested",
+            RevokeCause::Rotated => "rotated",
+            RevokeCause::Leaked => "leaked",
+        }
+    }
 }
 
 /// A key was rotated: its successor is `new_key_id` (issued by the KeyGenerated event of
@@ -61,6 +90,10 @@ pub struct KeyRotated {
     pub new_key_id: Uuid,
     pub old_key_expires_at: DateTime<Utc>,
     pub rotated_at: DateTime<Utc>,
+    /// The old key is revoked (`cause = rotated`) as soon as the new one is first verified,
+    /// and at the latest expires at `old_key_expires_at`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke_old_on_first_use: bool,
 }
 
 /// A key reached its expiry and this was recorded.
@@ -207,6 +240,25 @@ impl KeyringEvent {
         }
     }
 
+    /// The keys this event is about: its own key, and for a rotation (or the successor a
+    /// rotation issued) the other key of the pair.
+    pub fn key_ids(&self) -> [Option<Uuid>; 2] {
+        match self {
+            KeyringEvent::KeyGenerated(e) => [Some(e.key_id), e.rotated_from],
+            KeyringEvent::ContactsUpdated(e) => [Some(e.key_id), None],
+            KeyringEvent::KeyRevoked(e) => [Some(e.key_id), None],
+            KeyringEvent::KeyRotated(e) => [Some(e.old_key_id), Some(e.new_key_id)],
+            KeyringEvent::KeyExpired(e) => [Some(e.key_id), None],
+            KeyringEvent::LegacyKeyMigrated(e) => [Some(e.key_id), None],
+            KeyringEvent::ExpiryReminderDue(e) => [Some(e.key_id), None],
+        }
+    }
+
+    /// Whether this event is about `key_id`.
+    pub fn concerns(&self, key_id: Uuid) -> bool {
+        self.key_ids().contains(&Some(key_id))
+    }
+
     /// When the fact happened, by the aggregate's clock.
     pub fn occurred_at(&self) -> DateTime<Utc> {
         match self {
@@ -233,6 +285,8 @@ mod tests {
             command_id: id,
             key_id: id,
             revoked_at: now,
+            cause: None,
+            source: None,
         });
         let p = e.payload();
         assert_eq!(p["key_id"], serde_json::json!(id.to_string()));

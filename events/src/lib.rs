@@ -27,7 +27,7 @@ pub use envelope::{
 };
 pub use event::{
     ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,
-    KeyringEvent, LegacyKeyMigrated, EVENT_VERSION,
+    KeyringEvent, LegacyKeyMigrated, RevokeCause, EVENT_VERSION,
 };
 
 /// The hashing scheme of keys issued by keyledger: keyed BLAKE3 over the whole key.

@@ -111,6 +111,15 @@ impl<'a> Verified<'a> {
         &self.account().login_email
     }
 
+    /// The old key this key's first use revokes (a rotation with `revoke_old_on_first_use`
+    /// whose old key is still live).
+    pub fn retires(&self) -> Option<Uuid> {
+        if self.index.first_use.is_empty() {
+            return None;
+        }
+        self.index.first_use.get(&self.key_id()).copied()
+    }
+
     pub fn label(&self) -> &'a str {
         let e = self.entry();
         let start = e.label_start as usize;
@@ -167,6 +176,10 @@ pub struct VerificationIndex {
     accounts: Vec<Account>,
     account_ix: HashMap<Box<str>, u32>,
     legacy: HashMap<Box<str>, Vec<LegacyCandidate>>,
+    /// Rotations that end on the successor's first use: new key id → old key id, while the
+    /// old key is live. Small (rotations in flight), so every verify pays one emptiness
+    /// check and only a successor's verify a lookup.
+    first_use: HashMap<Uuid, Uuid>,
 }
 
 fn decode_hash(hex: &str) -> Option<[u8; 32]> {
@@ -253,13 +266,22 @@ impl VerificationIndex {
                         legacy_hash: e.legacy_hash.clone(),
                     });
             }
-            KeyringEvent::KeyRevoked(e) => self.update(account, e.key_id, |en| en.status = REVOKED),
-            KeyringEvent::KeyExpired(e) => self.update(account, e.key_id, |en| {
-                if en.status == ACTIVE {
-                    en.status = EXPIRED;
-                }
-            }),
+            KeyringEvent::KeyRevoked(e) => {
+                self.end_first_use(e.key_id);
+                self.update(account, e.key_id, |en| en.status = REVOKED)
+            }
+            KeyringEvent::KeyExpired(e) => {
+                self.end_first_use(e.key_id);
+                self.update(account, e.key_id, |en| {
+                    if en.status == ACTIVE {
+                        en.status = EXPIRED;
+                    }
+                })
+            }
             KeyringEvent::KeyRotated(e) => {
+                if e.revoke_old_on_first_use {
+                    self.first_use.insert(e.new_key_id, e.old_key_id);
+                }
                 let cut = micros(e.old_key_expires_at);
                 self.update(account, e.old_key_id, |en| {
                     en.expires_at = en.expires_at.min(cut)
@@ -268,6 +290,14 @@ impl VerificationIndex {
             KeyringEvent::ContactsUpdated(_) | KeyringEvent::ExpiryReminderDue(_) => {}
         }
         true
+    }
+
+    /// Forgets the first-use rotations `key_id` takes part in (it was revoked or expired).
+    fn end_first_use(&mut self, key_id: Uuid) {
+        if !self.first_use.is_empty() {
+            self.first_use
+                .retain(|new, old| *new != key_id && *old != key_id);
+        }
     }
 
     fn account(&mut self, account_id: &str) -> u32 {
@@ -410,7 +440,9 @@ pub enum SnapshotError {
     Damaged,
 }
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"KLIDX\0\0\x01";
+/// Version 2 added the first-use rotations; a version-1 snapshot is ignored (the log is
+/// replayed once).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KLIDX\0\0\x02";
 
 /// A little-endian writer for snapshots.
 struct Out(Vec<u8>);
@@ -523,6 +555,11 @@ impl VerificationIndex {
                 o.bytes(c.legacy_hash.as_bytes());
             }
         }
+        o.len(self.first_use.len());
+        for (new, old) in &self.first_use {
+            o.0.extend_from_slice(new.as_bytes());
+            o.0.extend_from_slice(old.as_bytes());
+        }
         let sum = blake3::hash(&o.0);
         o.0.extend_from_slice(sum.as_bytes());
         o.0
@@ -587,6 +624,11 @@ impl VerificationIndex {
                 });
             }
             ix.legacy.insert(username, candidates);
+        }
+        let rotations = i.len()?;
+        for _ in 0..rotations {
+            let new = Uuid::from_bytes(i.array()?);
+            ix.first_use.insert(new, Uuid::from_bytes(i.array()?));
         }
         if !i.0.is_empty() || !ix.references_hold() {
             return Err(SnapshotError::Damaged);
@@ -658,6 +700,57 @@ mod tests {
     }
 
     #[test]
+    fn a_first_use_rotation_is_known_until_the_old_key_goes() {
+        let now = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(10);
+        let later = now + chrono::Duration::days(100);
+        let (old, new) = (Uuid::new_v4(), Uuid::new_v4());
+        let (h_old, h_new) = ([1u8; 32], [2u8; 32]);
+        let mut ix = VerificationIndex::new();
+        ix.apply("acc", 1, &generated(old, &h_old, later));
+        ix.apply("acc", 2, &generated(new, &h_new, later));
+        ix.apply(
+            "acc",
+            3,
+            &KeyringEvent::KeyRotated(keyledger_events::KeyRotated {
+                command_id: Uuid::new_v4(),
+                old_key_id: old,
+                new_key_id: new,
+                old_key_expires_at: later,
+                rotated_at: now,
+                revoke_old_on_first_use: true,
+            }),
+        );
+        let retires = |ix: &VerificationIndex, h: &[u8; 32]| match ix.lookup(h, now) {
+            Lookup::Valid(v) => v.retires(),
+            other => panic!("expected valid, got {other:?}"),
+        };
+        assert_eq!(retires(&ix, &h_new), Some(old));
+        assert_eq!(
+            retires(&ix, &h_old),
+            None,
+            "only the successor's use counts"
+        );
+        let restored = VerificationIndex::from_snapshot(&ix.to_snapshot()).expect("snapshot");
+        assert_eq!(
+            retires(&restored, &h_new),
+            Some(old),
+            "kept in the snapshot"
+        );
+        ix.apply(
+            "acc",
+            4,
+            &KeyringEvent::KeyRevoked(KeyRevoked {
+                command_id: Uuid::new_v4(),
+                key_id: old,
+                revoked_at: now,
+                cause: Some(keyledger_events::RevokeCause::Rotated),
+                source: None,
+            }),
+        );
+        assert_eq!(retires(&ix, &h_new), None, "nothing left to retire");
+    }
+
+    #[test]
     fn lookup_answers_valid_unknown_expired_revoked() {
         let now = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(10);
         let later = now + chrono::Duration::days(100);
@@ -696,6 +789,8 @@ mod tests {
                 command_id: Uuid::new_v4(),
                 key_id: k1,
                 revoked_at: now,
+                cause: None,
+                source: None,
             }),
         );
         assert_eq!(ix.lookup(&h1, now), Lookup::Revoked);
@@ -739,6 +834,8 @@ mod tests {
                 command_id: Uuid::new_v4(),
                 key_id: keys[0].0,
                 revoked_at: now,
+                cause: None,
+                source: None,
             }),
         );
         let bytes = ix.to_snapshot();

@@ -10,4 +10,6 @@ mod index;
 mod listing;
 
 pub use index::{IndexStats, LegacyCandidate, Lookup, SnapshotError, VerificationIndex, Verified};
-pub use listing::{listing_change, KeyStatus, Listing, ListingChange, ListingRow};
+pub use listing::{
+    happened_by, listing_change, KeyStatus, Listing, ListingChange, ListingRow, Revocation,
+};

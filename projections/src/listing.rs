@@ -2,21 +2,26 @@
 //!
 //! [`listing_change`] turns one event into the change it makes to the listing; the
 //! in-memory [`Listing`] and the SQL stores of the service both apply those same changes,
-//! so there is one definition of what the listing is.
+//! so there is one definition of what the listing is. The in-memory fold also keeps the
+//! revoked keys aside ([`Listing::rows_with_inactive`]): it is what answers
+//! `include=inactive` and `as_of` (the listing as it stood at an instant, folded from the
+//! log), and what `audit --until` rebuilds.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use keyledger_events::KeyringEvent;
+use keyledger_events::{KeyringEvent, RevokeCause};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The status shown for a listed key. Revoked keys are not listed.
+/// The status shown for a listed key. Revoked keys are listed only on request
+/// (`include=inactive`); the listing table never holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyStatus {
     Active,
     Expired,
+    Revoked,
 }
 
 impl KeyStatus {
@@ -24,6 +29,7 @@ impl KeyStatus {
         match self {
             KeyStatus::Active => "active",
             KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
         }
     }
 
@@ -31,9 +37,17 @@ impl KeyStatus {
         match s {
             "active" => Some(KeyStatus::Active),
             "expired" => Some(KeyStatus::Expired),
+            "revoked" => Some(KeyStatus::Revoked),
             _ => None,
         }
     }
+}
+
+/// When and why a key was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub at: DateTime<Utc>,
+    pub cause: RevokeCause,
 }
 
 /// One row of the Settings page.
@@ -47,6 +61,9 @@ pub struct ListingRow {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub status: KeyStatus,
+    /// Set on a revoked key (only ever in the in-memory fold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
 }
 
 impl ListingRow {
@@ -78,6 +95,7 @@ pub enum ListingChange {
     },
     Remove {
         key_id: Uuid,
+        revocation: Revocation,
     },
     Nothing,
 }
@@ -94,6 +112,7 @@ pub fn listing_change(account_id: &str, event: &KeyringEvent) -> ListingChange {
             created_at: e.created_at,
             expires_at: e.expires_at,
             status: KeyStatus::Active,
+            revoked: None,
         }),
         KeyringEvent::LegacyKeyMigrated(e) => ListingChange::Insert(ListingRow {
             account_id: account_id.to_owned(),
@@ -104,6 +123,7 @@ pub fn listing_change(account_id: &str, event: &KeyringEvent) -> ListingChange {
             created_at: e.created_at,
             expires_at: e.expires_at,
             status: KeyStatus::Active,
+            revoked: None,
         }),
         KeyringEvent::ContactsUpdated(e) => ListingChange::SetContacts {
             key_id: e.key_id,
@@ -114,9 +134,21 @@ pub fn listing_change(account_id: &str, event: &KeyringEvent) -> ListingChange {
             expires_at: e.old_key_expires_at,
         },
         KeyringEvent::KeyExpired(e) => ListingChange::MarkExpired { key_id: e.key_id },
-        KeyringEvent::KeyRevoked(e) => ListingChange::Remove { key_id: e.key_id },
+        KeyringEvent::KeyRevoked(e) => ListingChange::Remove {
+            key_id: e.key_id,
+            revocation: Revocation {
+                at: e.revoked_at,
+                cause: e.cause.unwrap_or(RevokeCause::Requested),
+            },
+        },
         KeyringEvent::ExpiryReminderDue(_) => ListingChange::Nothing,
     }
+}
+
+/// Whether `event` had happened by `until`: the cut of `audit --until` and of the listing
+/// `as_of` an instant (each event by its own time, as the aggregate's clock recorded it).
+pub fn happened_by(event: &KeyringEvent, until: DateTime<Utc>) -> bool {
+    event.occurred_at() <= until
 }
 
 /// The listing held in memory (used for replays, audits and tests).
@@ -130,6 +162,8 @@ pub struct Listing {
 struct AccountListing {
     applied: u64,
     rows: BTreeMap<Uuid, ListingRow>,
+    /// Revoked keys, as they stood when revoked.
+    revoked: BTreeMap<Uuid, ListingRow>,
 }
 
 impl Listing {
@@ -147,7 +181,7 @@ impl Listing {
             return false;
         }
         account.applied = sequence;
-        let rows = &mut account.rows;
+        let (rows, revoked) = (&mut account.rows, &mut account.revoked);
         match listing_change(account_id, event) {
             ListingChange::Insert(row) => {
                 rows.insert(row.key_id, row);
@@ -167,8 +201,12 @@ impl Listing {
                     row.status = KeyStatus::Expired;
                 }
             }
-            ListingChange::Remove { key_id } => {
-                rows.remove(&key_id);
+            ListingChange::Remove { key_id, revocation } => {
+                if let Some(mut row) = rows.remove(&key_id) {
+                    row.status = KeyStatus::Revoked;
+                    row.revoked = Some(revocation);
+                    revoked.insert(key_id, row);
+                }
             }
             ListingChange::Nothing => {}
         }
@@ -181,6 +219,18 @@ impl Listing {
             .accounts
             .get(account_id)
             .map(|a| a.rows.values().cloned().collect())
+            .unwrap_or_default();
+        rows.sort_by_key(|r| (r.created_at, r.key_id));
+        rows
+    }
+
+    /// The rows of one account with its revoked keys too, ordered by creation time then
+    /// key id.
+    pub fn rows_with_inactive(&self, account_id: &str) -> Vec<ListingRow> {
+        let mut rows: Vec<ListingRow> = self
+            .accounts
+            .get(account_id)
+            .map(|a| a.rows.values().chain(a.revoked.values()).cloned().collect())
             .unwrap_or_default();
         rows.sort_by_key(|r| (r.created_at, r.key_id));
         rows
@@ -235,6 +285,7 @@ mod tests {
             new_key_id: k2,
             old_key_expires_at: cut,
             rotated_at: cut,
+            revoke_old_on_first_use: false,
         });
         assert!(l.apply("acc", 3, &rotated));
         assert!(
@@ -247,6 +298,8 @@ mod tests {
             command_id: Uuid::new_v4(),
             key_id: k1,
             revoked_at: cut,
+            cause: None,
+            source: None,
         });
         l.apply("acc", 4, &revoked);
         let rows = l.rows_of("acc");

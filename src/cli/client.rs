@@ -96,14 +96,36 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
             )
             .await?
         }
-        KeysAction::List { account } => {
+        KeysAction::List {
+            account,
+            include_inactive,
+            as_of,
+        } => {
+            let mut query = Vec::new();
+            if include_inactive {
+                query.push("include=inactive".to_owned());
+            }
+            if let Some(t) = as_of {
+                query.push(format!("as_of={}", enc(&t)));
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
             c.call(
                 Method::GET,
-                &format!("/v1/accounts/{}/keys", enc(&account)),
+                &format!("/v1/accounts/{}/keys{query}", enc(&account)),
                 None,
             )
             .await?
         }
+        KeysAction::History {
+            account,
+            key_id,
+            json,
+            svg,
+        } => return history(&c, &account, &key_id, json, svg).await,
         KeysAction::Contacts {
             account,
             key_id,
@@ -130,6 +152,7 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
             key_id,
             label,
             grace_seconds,
+            revoke_old_on_first_use,
         } => {
             let path = format!(
                 "/v1/accounts/{}/keys/{}/rotate",
@@ -139,6 +162,9 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
             let mut body = json!({"label": label});
             if let Some(g) = grace_seconds {
                 body["grace_seconds"] = json!(g);
+            }
+            if revoke_old_on_first_use {
+                body["revoke_old_on_first_use"] = json!(true);
             }
             c.call(Method::POST, &path, Some(body)).await?
         }
@@ -175,10 +201,67 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
         println!("{}", serde_json::to_string_pretty(&body)?);
     }
     if !status.is_success() {
-        let message = body["error"]["message"]
-            .as_str()
-            .unwrap_or("request failed");
-        bail!("{} ({})", message, status);
+        return Err(refused(status, &body));
+    }
+    Ok(())
+}
+
+/// Fails with the error answer's message.
+fn refused(status: StatusCode, body: &Value) -> anyhow::Error {
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("request failed");
+    anyhow::anyhow!("{} ({})", message, status)
+}
+
+/// `keys history`: the timeline (one line per event), the JSON, or an SVG file.
+async fn history(
+    c: &Client,
+    account: &str,
+    key_id: &str,
+    json: bool,
+    svg: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/accounts/{}/keys/{}/history", enc(account), enc(key_id));
+    if let Some(file) = svg {
+        let (status, body) = c
+            .call(Method::GET, &format!("{path}?format=svg"), None)
+            .await?;
+        let Value::String(picture) = &body else {
+            return Err(refused(status, &body));
+        };
+        if !status.is_success() {
+            return Err(refused(status, &body));
+        }
+        std::fs::write(&file, picture)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        println!("wrote {}", file.display());
+        return Ok(());
+    }
+    let (status, body) = c.call(Method::GET, &path, None).await?;
+    if !status.is_success() {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Err(refused(status, &body));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let moments: Vec<crate::read_side::history::Moment> =
+        serde_json::from_value(body["events"].clone()).context("an unexpected answer")?;
+    let id = uuid::Uuid::parse_str(key_id).context("the key id is not a UUID")?;
+    for m in &moments {
+        println!(
+            "{:>4}  {}  {:<17}  {}{}",
+            m.sequence,
+            m.occurred_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            m.event_type,
+            crate::read_side::timeline::describe(m, id),
+            m.actor
+                .as_deref()
+                .map(|a| format!("  (by {a})"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -524,6 +524,25 @@ pub enum KeysAction {
     List {
         #[arg(long)]
         account: String,
+        /// Revoked keys too (with when and why).
+        #[arg(long)]
+        include_inactive: bool,
+        /// The listing as it stood at this instant (RFC 3339), folded from the log.
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// Every event of one key, as a timeline (or JSON, or an SVG picture).
+    History {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        key_id: String,
+        /// Print the API's JSON instead of the timeline.
+        #[arg(long)]
+        json: bool,
+        /// Write the timeline as an SVG picture to this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
     },
     /// Replace a key's contact emails.
     Contacts {
@@ -551,6 +570,10 @@ pub enum KeysAction {
         label: String,
         #[arg(long)]
         grace_seconds: Option<i64>,
+        /// Revoke the old key as soon as the new one is first verified (the grace is the
+        /// latest end).
+        #[arg(long)]
+        revoke_old_on_first_use: bool,
     },
     /// Verify a key read from standard input (so it stays out of shell history).
     Verify {

@@ -79,6 +79,7 @@ pub fn status_of(e: &KeyringError) -> StatusCode {
         | KeyringError::KeyAlreadyRotated { .. }
         | KeyringError::KeyNotExpired { .. }
         | KeyringError::ReminderNotDue { .. }
+        | KeyringError::NothingToRetire(_)
         | KeyringError::LegacyAlreadyMigrated(_) => StatusCode::CONFLICT,
         KeyringError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

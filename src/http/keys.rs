@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::extract::{idempotency_key, ApiJson};
+use super::extract::{idempotency_key, ApiJson, ApiQuery};
 use super::AppState;
 use crate::domain::AccountId;
 use crate::handler::{Outcome, Request, Status};
 use crate::keyring::{KeyFacts, KeyringError};
+use crate::read_side::history;
 use crate::tokens::Caller;
 
 #[derive(Deserialize)]
@@ -36,6 +37,8 @@ pub struct RotateBody {
     label: String,
     #[serde(default)]
     grace_seconds: Option<i64>,
+    #[serde(default)]
+    revoke_old_on_first_use: bool,
 }
 
 #[derive(Deserialize)]
@@ -71,9 +74,14 @@ pub struct RowView {
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revoked_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revoked_cause: Option<&'static str>,
 }
 
 impl RowView {
+    /// `row` with its status as of `now`.
     fn of(row: ListingRow, now: DateTime<Utc>) -> Self {
         let status = row.status_at(now).as_str();
         Self {
@@ -84,8 +92,65 @@ impl RowView {
             created_at: row.created_at,
             expires_at: row.expires_at,
             status,
+            revoked_at: row.revoked.as_ref().map(|r| r.at),
+            revoked_cause: row.revoked.as_ref().map(|r| r.cause.as_str()),
         }
     }
+}
+
+/// The query of `GET …/keys`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `inactive`: revoked keys too.
+    #[serde(default)]
+    include: Option<String>,
+    /// The listing as it stood at this instant (RFC 3339), folded from the log.
+    #[serde(default)]
+    as_of: Option<String>,
+}
+
+impl ListQuery {
+    /// (with the revoked keys, as of) — or a precise error.
+    fn parse(&self, now: DateTime<Utc>) -> Result<(bool, Option<DateTime<Utc>>), ApiError> {
+        let inactive = match self.include.as_deref() {
+            None => false,
+            Some("inactive") => true,
+            Some(other) => {
+                return Err(ApiError::invalid_request(format!(
+                    "include must be 'inactive', not '{other}'"
+                )))
+            }
+        };
+        let as_of = match self.as_of.as_deref() {
+            None => None,
+            Some(raw) => {
+                let t = DateTime::parse_from_rfc3339(raw)
+                    .map_err(|e| {
+                        ApiError::invalid_request(format!(
+                            "as_of must be an RFC 3339 instant such as 2026-06-30T16:00:00Z ({e})"
+                        ))
+                    })?
+                    .with_timezone(&Utc);
+                if t > now {
+                    return Err(ApiError::invalid_request(
+                        "as_of is in the future: the log tells what was, not what will be",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        Ok((inactive, as_of))
+    }
+}
+
+/// The query of `GET …/history`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// `json` (the default) or `svg` (a picture of the timeline).
+    #[serde(default)]
+    format: Option<String>,
 }
 
 fn account(raw: &str) -> Result<AccountId, ApiError> {
@@ -181,12 +246,54 @@ pub async fn generate(
 pub async fn list(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
     let account_id = account(&account_id)?;
     let now = state.clock.now();
-    let rows = crate::read_side::listing::rows(&state.store, Some(account_id.as_str())).await?;
-    let keys: Vec<RowView> = rows.into_iter().map(|r| RowView::of(r, now)).collect();
+    let (inactive, as_of) = query.parse(now)?;
+    let rows = if inactive || as_of.is_some() {
+        // From the log: the listing table holds only the present's live keys.
+        history::listing_at(&state.store, account_id.as_str(), as_of, inactive).await?
+    } else {
+        crate::read_side::listing::rows(&state.store, Some(account_id.as_str())).await?
+    };
+    let at = as_of.unwrap_or(now);
+    let keys: Vec<RowView> = rows.into_iter().map(|r| RowView::of(r, at)).collect();
     Ok(Json(serde_json::json!({ "keys": keys })).into_response())
+}
+
+/// `GET …/keys/{key_id}/history`: every event of the key, in order, with its actor.
+pub async fn history(
+    State(state): State<AppState>,
+    Path((account_id, key)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let account_id = account(&account_id)?;
+    let key_id = key_id(&key)?;
+    let svg = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("svg") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_request(format!(
+                "format must be 'json' or 'svg', not '{other}'"
+            )))
+        }
+    };
+    let moments = history::of_key(&state.store, account_id.as_str(), key_id).await?;
+    if moments.is_empty() {
+        return Err(KeyringError::KeyNotFound(key_id).into());
+    }
+    if svg {
+        return Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("image/svg+xml"),
+            )],
+            crate::read_side::timeline::svg(key_id, &moments),
+        )
+            .into_response());
+    }
+    Ok(Json(serde_json::json!({ "events": moments })).into_response())
 }
 
 pub async fn update_contacts(
@@ -213,6 +320,8 @@ pub async fn update_contacts(
         created_at: view.created_at,
         expires_at: view.expires_at,
         status: view.status,
+        revoked_at: None,
+        revoked_cause: None,
     })
     .into_response())
 }
@@ -249,6 +358,7 @@ pub async fn rotate(
         key_id,
         label: body.label,
         grace_seconds: body.grace_seconds,
+        revoke_old_on_first_use: body.revoke_old_on_first_use,
     };
     let outcome = run(&state, &caller, &headers, account_id, command).await?;
     created(outcome, state.clock.now())

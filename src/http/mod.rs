@@ -108,6 +108,12 @@ pub fn routes() -> Vec<Route> {
         ),
         route(Method::DELETE, KEY, delete(keys::revoke), KEY_COMMANDS),
         route(
+            Method::GET,
+            "/v1/accounts/{account_id}/keys/{key_id}/history",
+            get(keys::history),
+            READS,
+        ),
+        route(
             Method::POST,
             "/v1/accounts/{account_id}/keys/{key_id}/rotate",
             post(keys::rotate),

@@ -50,6 +50,8 @@ pub enum KeyringError {
     CreatedInFuture,
     #[error("the account's legacy key was already migrated as key {0}")]
     LegacyAlreadyMigrated(Uuid),
+    #[error("key {0} ended no rotation that is still running")]
+    NothingToRetire(Uuid),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -76,6 +78,7 @@ impl KeyringError {
             KeyringError::InvalidLegacyHash(_) => "invalid_legacy_hash",
             KeyringError::CreatedInFuture => "invalid_request",
             KeyringError::LegacyAlreadyMigrated(_) => "legacy_key_already_migrated",
+            KeyringError::NothingToRetire(_) => "nothing_to_retire",
             KeyringError::Internal(_) => "internal",
         }
     }

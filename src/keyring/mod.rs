@@ -19,7 +19,8 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use keyledger_events::{
     Command, ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,
-    KeyringEvent, LegacyKeyMigrated, EVENT_VERSION, HASH_SCHEME_BLAKE3, HASH_SCHEME_LEGACY_BCRYPT,
+    KeyringEvent, LegacyKeyMigrated, RevokeCause, EVENT_VERSION, HASH_SCHEME_BLAKE3,
+    HASH_SCHEME_LEGACY_BCRYPT,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -92,6 +93,9 @@ pub struct KeyFacts {
     pub legacy: bool,
     pub rotated_from: Option<Uuid>,
     pub rotated_to: Option<Uuid>,
+    /// Its rotation asked for it to be revoked on the successor's first verification.
+    #[serde(default)]
+    pub retire_on_successor_use: bool,
     /// Reminder stages decided (sent or skipped).
     pub reminders_sent: BTreeSet<u32>,
     /// Since when keyledger holds the key: its creation, or its migration for a legacy key.
@@ -257,12 +261,37 @@ impl Keyring {
                     command_id,
                     key_id: *key_id,
                     revoked_at: now,
+                    cause: None,
+                    source: None,
+                })])
+            }
+            Command::RetireRotatedKey { new_key_id } => {
+                let new = self
+                    .keys
+                    .get(new_key_id)
+                    .ok_or(KeyringError::KeyNotFound(*new_key_id))?;
+                let old = new
+                    .rotated_from
+                    .and_then(|old| self.keys.get(&old))
+                    .filter(|old| old.retire_on_successor_use)
+                    .ok_or(KeyringError::NothingToRetire(*new_key_id))?;
+                if !old.is_live_at(now) {
+                    // Revoked, expired or past its grace already: nothing left to end.
+                    return Err(KeyringError::NothingToRetire(*new_key_id));
+                }
+                Ok(vec![KeyringEvent::KeyRevoked(KeyRevoked {
+                    command_id,
+                    key_id: old.key_id,
+                    revoked_at: now,
+                    cause: Some(RevokeCause::Rotated),
+                    source: None,
                 })])
             }
             Command::RotateKey {
                 key_id,
                 label,
                 grace_seconds,
+                revoke_old_on_first_use,
             } => {
                 let label = Label::parse(label)?;
                 let grace = match grace_seconds {
@@ -321,6 +350,7 @@ impl Keyring {
                         new_key_id: m.key_id,
                         old_key_expires_at,
                         rotated_at: now,
+                        revoke_old_on_first_use: *revoke_old_on_first_use,
                     }),
                 ])
             }
@@ -495,6 +525,7 @@ impl Aggregate for Keyring {
                         legacy: false,
                         rotated_from: e.rotated_from,
                         rotated_to: None,
+                        retire_on_successor_use: false,
                         reminders_sent: BTreeSet::new(),
                         held_since: e.created_at,
                     },
@@ -519,6 +550,7 @@ impl Aggregate for Keyring {
                         legacy: true,
                         rotated_from: None,
                         rotated_to: None,
+                        retire_on_successor_use: false,
                         reminders_sent: BTreeSet::new(),
                         held_since: e.migrated_at,
                     },
@@ -541,6 +573,7 @@ impl Aggregate for Keyring {
                 self.record(e.command_id, e.new_key_id);
                 if let Some(k) = self.keys.get_mut(&e.old_key_id) {
                     k.rotated_to = Some(e.new_key_id);
+                    k.retire_on_successor_use = e.revoke_old_on_first_use;
                     k.expires_at = k.expires_at.min(e.old_key_expires_at);
                 }
             }

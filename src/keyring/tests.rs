@@ -87,6 +87,8 @@ fn revoked(cmd: u128, key: u128, at: DateTime<Utc>) -> StoredEvent {
         command_id: id(cmd),
         key_id: id(key),
         revoked_at: at,
+        cause: None,
+        source: None,
     }))
 }
 
@@ -331,6 +333,7 @@ fn rotate(cmd: u128, old: u128, new: u128, label: &str, grace: Option<i64>) -> K
             key_id: id(old),
             label: label.into(),
             grace_seconds: grace,
+            revoke_old_on_first_use: false,
         },
         material: Some(material(new)),
     }
@@ -355,6 +358,7 @@ async fn rotate_issues_a_successor_and_cuts_the_old_key_to_the_grace() {
                 new_key_id: id(11),
                 old_key_expires_at: now + Duration::hours(24),
                 rotated_at: now,
+                revoke_old_on_first_use: false,
             })),
         ]);
 }
@@ -693,4 +697,95 @@ async fn after_downtime_the_latest_stage_is_sent_and_the_earlier_ones_skipped() 
         .when_async(remind(4, 14, &[]))
         .await
         .then_expect_events(vec![]);
+}
+
+/// The two events of a rotation of key 10 into key 11 at `now` (revoke on first use).
+fn rotated_on_first_use(now: DateTime<Utc>) -> Vec<StoredEvent> {
+    let mut new_key = generated(2, 11, "prod-2", now);
+    if let KeyringEvent::KeyGenerated(e) = &mut new_key.0 {
+        e.rotated_from = Some(id(10));
+    }
+    vec![
+        new_key,
+        StoredEvent(KeyringEvent::KeyRotated(KeyRotated {
+            command_id: id(2),
+            old_key_id: id(10),
+            new_key_id: id(11),
+            old_key_expires_at: now + Duration::hours(24),
+            rotated_at: now,
+            revoke_old_on_first_use: true,
+        })),
+    ]
+}
+
+#[tokio::test]
+async fn a_rotation_may_end_on_the_successors_first_use() {
+    let now = t0() + Duration::days(30);
+    let mut command = rotate(2, 10, 11, "prod-2", None);
+    if let Command::RotateKey {
+        revoke_old_on_first_use,
+        ..
+    } = &mut command.command
+    {
+        *revoke_old_on_first_use = true;
+    }
+    TestFramework::<Keyring>::with(services_at(now, Policy::default()))
+        .given(vec![generated(1, 10, "prod", t0())])
+        .when_async(command)
+        .await
+        .then_expect_events(rotated_on_first_use(now));
+
+    // Given that rotation, the first use of key 11 revokes key 10 with cause "rotated".
+    let later = now + Duration::hours(2);
+    let mut given = vec![generated(1, 10, "prod", t0())];
+    given.extend(rotated_on_first_use(now));
+    TestFramework::<Keyring>::with(services_at(later, Policy::default()))
+        .given(given.clone())
+        .when_async(plain(3, Command::RetireRotatedKey { new_key_id: id(11) }))
+        .await
+        .then_expect_events(vec![StoredEvent(KeyringEvent::KeyRevoked(KeyRevoked {
+            command_id: id(3),
+            key_id: id(10),
+            revoked_at: later,
+            cause: Some(keyledger_events::RevokeCause::Rotated),
+            source: None,
+        }))]);
+
+    // Once key 10 is gone (revoked, or past its grace), there is nothing to retire.
+    let mut gone = given.clone();
+    gone.push(revoked(3, 10, later));
+    expect_error(
+        gone,
+        plain(4, Command::RetireRotatedKey { new_key_id: id(11) }),
+        KeyringError::NothingToRetire(id(11)),
+    )
+    .await;
+    TestFramework::<Keyring>::with(services_at(now + Duration::days(2), Policy::default()))
+        .given(given)
+        .when_async(plain(4, Command::RetireRotatedKey { new_key_id: id(11) }))
+        .await
+        .then_expect_error(KeyringError::NothingToRetire(id(11)));
+}
+
+#[tokio::test]
+async fn only_a_first_use_rotation_retires_anything() {
+    let now = t0() + Duration::days(30);
+    let mut given = vec![generated(1, 10, "prod", t0())];
+    let mut plain_rotation = rotated_on_first_use(now);
+    if let KeyringEvent::KeyRotated(r) = &mut plain_rotation[1].0 {
+        r.revoke_old_on_first_use = false;
+    }
+    given.extend(plain_rotation);
+    expect_error(
+        given,
+        plain(3, Command::RetireRotatedKey { new_key_id: id(11) }),
+        KeyringError::NothingToRetire(id(11)),
+    )
+    .await;
+    expect_error(
+        vec![generated(1, 10, "prod", t0())],
+        plain(3, Command::RetireRotatedKey { new_key_id: id(10) }),
+        KeyringError::NothingToRetire(id(10)),
+    )
+    .await;
 }

@@ -142,7 +142,7 @@ async fn change_row(tx: &mut Tx, account: &str, change: ListingChange) -> Result
             "UPDATE key_listing SET status = 'expired' WHERE account_id = $1 AND key_id = $2",
             key_id
         ),
-        ListingChange::Remove { key_id } => run!(
+        ListingChange::Remove { key_id, .. } => run!(
             "DELETE FROM key_listing WHERE account_id = $1 AND key_id = $2",
             key_id
         ),
@@ -201,6 +201,7 @@ pub async fn rows(store: &Store, account_id: Option<&str>) -> Result<Vec<Listing
                     created_at: r.try_get("created_at")?,
                     expires_at: r.try_get("expires_at")?,
                     status: status(r.try_get("status")?),
+                    revoked: None,
                 })
             })
             .collect(),
@@ -222,6 +223,7 @@ pub async fn rows(store: &Store, account_id: Option<&str>) -> Result<Vec<Listing
                     created_at: r.try_get("created_at")?,
                     expires_at: r.try_get("expires_at")?,
                     status: status(r.try_get("status")?),
+                    revoked: None,
                 })
             })
             .collect(),

@@ -10,9 +10,12 @@
 //! whose head moved since ([`ReadSide::start`]); it writes a new snapshot from time to time
 //! and at shutdown ([`ReadSide::keep_snapshots`]).
 
+pub mod first_use;
+pub mod history;
 pub mod index;
 pub mod legacy;
 pub mod listing;
+pub mod timeline;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
@@ -97,6 +100,8 @@ pub struct ReadSide {
     changes: AtomicU64,
     /// Legacy keys migrated since start (a remembered legacy miss may match one of them).
     legacy_migrations: AtomicU64,
+    /// Successors of first-use rotations verified here, for [`crate::rotation`].
+    first_use: first_use::FirstUseSignal,
 }
 
 impl ReadSide {
@@ -110,6 +115,7 @@ impl ReadSide {
             listing_in_process: true.into(),
             changes: AtomicU64::new(0),
             legacy_migrations: AtomicU64::new(0),
+            first_use: Default::default(),
         }
     }
 
@@ -127,6 +133,7 @@ impl ReadSide {
             listing_in_process: true.into(),
             changes: AtomicU64::new(0),
             legacy_migrations: AtomicU64::new(0),
+            first_use: Default::default(),
         }
     }
 
@@ -217,6 +224,7 @@ impl ReadSide {
         if self.index_mut().apply(account_id, sequence, event) {
             self.changes.fetch_add(1, Ordering::Relaxed);
             self.note_legacy(event);
+            note_lag(event);
         }
     }
 
@@ -252,6 +260,7 @@ impl ReadSide {
             }
         };
         let from_snapshot = snapshot.is_some();
+        crate::metrics::metrics().set(INDEX_LAG, &[], 0.0);
         *self.index_mut() = snapshot.unwrap_or_default();
         self.changes.store(0, Ordering::Relaxed);
         let (events, accounts) = self.catch_up(store, heads).await?;
@@ -416,6 +425,9 @@ impl ReadSide {
         let applied = self.index().applied(account_id);
         let records = store.events_after(account_id, applied).await?;
         self.apply_all(account_id, &records);
+        if let Some(last) = records.last() {
+            note_lag(&last.event);
+        }
         Ok(())
     }
 
@@ -469,10 +481,15 @@ impl ReadSide {
         let hash = self.hasher.hash(key.as_str());
         let index = self.index();
         let verdict = match index.lookup(&hash, now) {
-            Lookup::Valid(v) => Ok(Verdict {
-                from_allowed: from.map(|f| self.may_send_as(f, v.login_email())),
-                key: v,
-            }),
+            Lookup::Valid(v) => {
+                if v.retires().is_some() {
+                    self.first_use.signal(v.account_id(), v.key_id());
+                }
+                Ok(Verdict {
+                    from_allowed: from.map(|f| self.may_send_as(f, v.login_email())),
+                    key: v,
+                })
+            }
             Lookup::Unknown => Err(Rejection::Unknown),
             Lookup::Expired => Err(Rejection::Expired),
             Lookup::Revoked => Err(Rejection::Revoked),
@@ -503,10 +520,31 @@ impl ReadSide {
                 .is_some_and(|d| same_mailbox(d, from))
     }
 
+    /// Where first uses of first-use rotations' successors are handed over.
+    pub fn first_use(&self) -> &first_use::FirstUseSignal {
+        &self.first_use
+    }
+
     /// Keys and accounts in the index, and its heap size.
     pub fn index_stats(&self) -> keyledger_projections::IndexStats {
         self.index().stats()
     }
+}
+
+/// The gauge of how far behind other instances' commits this instance's index is.
+const INDEX_LAG: &str = "keyledger_index_lag_seconds";
+
+/// Records how long `event`, just applied from another instance's commit (the events
+/// topic, or LISTEN), took to reach this index: from the time the aggregate recorded on it
+/// to now. (A reminder carries its due time, not its recording time: left out.)
+fn note_lag(event: &keyledger_events::KeyringEvent) {
+    if matches!(event, keyledger_events::KeyringEvent::ExpiryReminderDue(_)) {
+        return;
+    }
+    let lag = (Utc::now() - event.occurred_at())
+        .num_microseconds()
+        .unwrap_or(i64::MAX);
+    crate::metrics::metrics().set(INDEX_LAG, &[], lag.max(0) as f64 / 1e6);
 }
 
 /// Gives the memory a bulk load freed back to the system (glibc keeps it otherwise, and

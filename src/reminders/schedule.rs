@@ -387,6 +387,7 @@ mod tests {
                 new_key_id: Uuid::from_u128(8),
                 old_key_expires_at: rotated_at + Duration::days(3),
                 rotated_at,
+                revoke_old_on_first_use: false,
             }),
             &Stages::default(),
         ));

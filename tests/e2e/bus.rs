@@ -372,6 +372,7 @@ async fn listing_table(url: &str) -> Vec<ListingRow> {
             created_at: r.get("created_at"),
             expires_at: r.get("expires_at"),
             status: keyledger_projections::KeyStatus::parse(r.get("status")).expect("status"),
+            revoked: None,
         })
         .collect()
 }

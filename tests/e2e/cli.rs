@@ -114,3 +114,86 @@ async fn the_cli_manages_keys_through_the_api() {
     assert_eq!(body["error"]["code"], "key_revoked");
     assert!(err.contains("revoked"), "{err}");
 }
+
+#[tokio::test]
+async fn the_cli_tells_a_keys_history_as_a_timeline_and_draws_it() {
+    let app = TestApp::spawn(Backing::postgres().await).await;
+    let (status, body) = app.generate("cli-h", "prod", &["ops@agency.gov.sg"]).await;
+    assert!(status.is_success(), "{body}");
+    let key_id = body["key_id"].as_str().expect("id").to_owned();
+    let (ok, _, err) = keyledger(
+        &app,
+        &[
+            "rotate",
+            "--account",
+            "cli-h",
+            "--key-id",
+            &key_id,
+            "--label",
+            "prod-2",
+            "--revoke-old-on-first-use",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
+        .args(["keys", "--server", &app.url("")])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .args(["history", "--account", "cli-h", "--key-id", &key_id])
+        .output()
+        .await
+        .expect("runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains("KeyGenerated") && lines[0].contains("created 'prod'"),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains("KeyRotated") && lines[2].contains("on the successor's first use"),
+        "{text}"
+    );
+    assert!(lines.iter().all(|l| l.contains("(by admin)")), "{text}");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("history.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
+        .args(["keys", "--server", &app.url("")])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .args([
+            "history",
+            "--account",
+            "cli-h",
+            "--key-id",
+            &key_id,
+            "--svg",
+        ])
+        .arg(&file)
+        .output()
+        .await
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&file).expect("written");
+    let doc = roxmltree::Document::parse(&svg).expect("an SVG");
+    assert_eq!(
+        doc.descendants()
+            .filter(|n| n.attribute("class") == Some("event"))
+            .count(),
+        3
+    );
+    let (ok, all, err) = keyledger(
+        &app,
+        &["list", "--account", "cli-h", "--include-inactive"],
+        None,
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(all["keys"].as_array().map(Vec::len), Some(2));
+}

@@ -10,6 +10,7 @@ mod bus;
 mod cli;
 mod concurrency;
 mod event_log;
+mod history;
 mod kafka;
 mod legacy;
 mod lifecycle;
