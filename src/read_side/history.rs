@@ -21,7 +21,7 @@ pub async fn listing_at(
     as_of: Option<DateTime<Utc>>,
     inactive: bool,
 ) -> Result<Vec<ListingRow>, StoreError> {
-    let records = store.events_after(account_id, 0).await?;
+    let records = store.life_of(account_id).await?;
     Ok(fold(account_id, &records, as_of, inactive))
 }
 
@@ -67,7 +67,7 @@ pub async fn of_key(
     account_id: &str,
     key_id: Uuid,
 ) -> Result<Vec<Moment>, StoreError> {
-    let records = store.events_after(account_id, 0).await?;
+    let records = store.life_of(account_id).await?;
     Ok(moments(&records, key_id))
 }
 

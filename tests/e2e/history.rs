@@ -429,3 +429,39 @@ async fn a_rotation_ends_on_the_first_use_of_its_successor_on_any_instance() {
         "each instance tells its index lag"
     );
 }
+
+#[tokio::test]
+async fn the_embedded_store_answers_the_same_questions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::spawn(Backing::embedded(&dir)).await;
+    let (status, body) = app.generate("acct-e", "prod", &["ops@agency.gov.sg"]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["key_id"].as_str().expect("id").to_owned();
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/accounts/acct-e/keys/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(app.list("acct-e").await["keys"], json!([]));
+    let all = get(&app, "/v1/accounts/acct-e/keys?include=inactive").await;
+    assert_eq!(
+        rows(&all),
+        vec![(
+            "prod".into(),
+            "revoked".into(),
+            json!(["ops@agency.gov.sg"])
+        )]
+    );
+    let history = get(&app, &format!("/v1/accounts/acct-e/keys/{id}/history")).await;
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(types, vec!["KeyGenerated", "KeyRevoked"]);
+    assert_eq!(history["events"][1]["actor"], json!("admin"));
+}

@@ -82,6 +82,33 @@ enum BenchWhat {
         #[arg(long)]
         legacy_flood: bool,
     },
+    /// The listing as of an instant, and a key's history, on an account of `--events`
+    /// events, next to the plain listing.
+    History {
+        #[arg(
+            long,
+            env = "KEYLEDGER_SERVER",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server: String,
+        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value_t = 1000)]
+        events: usize,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
+    /// A revocation on instance A until instance B refuses the key: idle, and under load.
+    Revocation {
+        #[arg(long)]
+        server_a: String,
+        #[arg(long)]
+        server_b: String,
+        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+    },
     /// Start-to-ready time and memory of `keyledger serve` with a large store, in every
     /// mode: fills an empty store with synthetic keys and starts the service on it.
     Restart {
@@ -213,6 +240,18 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
         })
         .await
         .map(|_| ()),
+        BenchWhat::History {
+            server,
+            token,
+            events,
+            samples,
+        } => bench::history::history(&server, &token, events.max(1), samples.max(1)).await,
+        BenchWhat::Revocation {
+            server_a,
+            server_b,
+            token,
+            trials,
+        } => bench::history::revocation(&server_a, &server_b, &token, trials.max(1)).await,
         BenchWhat::Restart {
             database_url,
             kafka_brokers,

@@ -6,8 +6,11 @@
 //!   replay next to a bare consumer.
 //! - [`http`]: verification over HTTP next to a bare endpoint of the same server.
 //! - [`restart`]: time from start to ready, and memory, with a large store.
+//! - [`history`]: the listing `as_of` an instant and a key's history next to the plain
+//!   listing; how fast a revocation on one instance is refused on another.
 
 pub mod bus;
+pub mod history;
 pub mod http;
 pub mod restart;
 
