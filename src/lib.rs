@@ -17,7 +17,7 @@
 //! | 2 | [`tokens`] | scoped API tokens: the tokens file, roles, constant-time lookup |
 //! | 2 | [`kafka`] | Kafka plumbing: settings, topics, idempotent producer, consumer groups with offsets in PostgreSQL, halts |
 //! | 3 | [`projection`] | the one way events reach a consumer: the `Projection` trait, fed from the store or the events topic |
-//! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index |
+//! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index; the listing at an instant and a key's history, folded from the log |
 //! | 3 | [`reminders`] | the reminder schedule (a projection) and the saga that fires it |
 //! | 3 | [`notify`] | the notifier: outbox (a projection), notifications topic, SMTP |
 //! | 4 | [`handler`] | the one writer path: load, dedupe, mint, decide, commit, feed the read side |

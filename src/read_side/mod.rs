@@ -1,6 +1,9 @@
 //! The read side: the verification index in this process's memory (what `verify` answers
 //! from), and the two read-model tables — [`listing`] (the Settings page) and [`index`]
-//! (the persisted verification index) — which are projections of the log.
+//! (the persisted verification index) — which are projections of the log; what is folded
+//! from the log only when asked — [`history`] (the listing at an instant, a key's history)
+//! and [`timeline`] (telling and drawing it); and [`first_use`], the verify path's signal
+//! that a first-use rotation's successor was used.
 //!
 //! The in-memory index is a fold that skips what it has applied, so feeding it is the same
 //! whether events come right after this process's commit, from the store at start-up, from
