@@ -342,25 +342,11 @@ fn rotate(cmd: u128, old: u128, new: u128, label: &str, grace: Option<i64>) -> K
 #[tokio::test]
 async fn rotate_issues_a_successor_and_cuts_the_old_key_to_the_grace() {
     let now = t0() + Duration::days(30);
-    let mut new_key = generated(2, 11, "prod-2", now);
-    if let KeyringEvent::KeyGenerated(e) = &mut new_key.0 {
-        e.rotated_from = Some(id(10));
-    }
     TestFramework::<Keyring>::with(services_at(now, Policy::default()))
         .given(vec![generated(1, 10, "prod", t0())])
         .when_async(rotate(2, 10, 11, "prod-2", None))
         .await
-        .then_expect_events(vec![
-            new_key,
-            StoredEvent(KeyringEvent::KeyRotated(KeyRotated {
-                command_id: id(2),
-                old_key_id: id(10),
-                new_key_id: id(11),
-                old_key_expires_at: now + Duration::hours(24),
-                rotated_at: now,
-                revoke_old_on_first_use: false,
-            })),
-        ]);
+        .then_expect_events(rotation(now, false));
 }
 
 #[tokio::test]
@@ -699,8 +685,9 @@ async fn after_downtime_the_latest_stage_is_sent_and_the_earlier_ones_skipped() 
         .then_expect_events(vec![]);
 }
 
-/// The two events of a rotation of key 10 into key 11 at `now` (revoke on first use).
-fn rotated_on_first_use(now: DateTime<Utc>) -> Vec<StoredEvent> {
+/// The two events of a rotation of key 10 into key 11 at `now` (command 2, the default
+/// grace), revoking on first use or not.
+fn rotation(now: DateTime<Utc>, revoke_old_on_first_use: bool) -> Vec<StoredEvent> {
     let mut new_key = generated(2, 11, "prod-2", now);
     if let KeyringEvent::KeyGenerated(e) = &mut new_key.0 {
         e.rotated_from = Some(id(10));
@@ -713,7 +700,7 @@ fn rotated_on_first_use(now: DateTime<Utc>) -> Vec<StoredEvent> {
             new_key_id: id(11),
             old_key_expires_at: now + Duration::hours(24),
             rotated_at: now,
-            revoke_old_on_first_use: true,
+            revoke_old_on_first_use,
         })),
     ]
 }
@@ -733,12 +720,12 @@ async fn a_rotation_may_end_on_the_successors_first_use() {
         .given(vec![generated(1, 10, "prod", t0())])
         .when_async(command)
         .await
-        .then_expect_events(rotated_on_first_use(now));
+        .then_expect_events(rotation(now, true));
 
     // Given that rotation, the first use of key 11 revokes key 10 with cause "rotated".
     let later = now + Duration::hours(2);
     let mut given = vec![generated(1, 10, "prod", t0())];
-    given.extend(rotated_on_first_use(now));
+    given.extend(rotation(now, true));
     TestFramework::<Keyring>::with(services_at(later, Policy::default()))
         .given(given.clone())
         .when_async(plain(3, Command::RetireRotatedKey { new_key_id: id(11) }))
@@ -771,11 +758,7 @@ async fn a_rotation_may_end_on_the_successors_first_use() {
 async fn only_a_first_use_rotation_retires_anything() {
     let now = t0() + Duration::days(30);
     let mut given = vec![generated(1, 10, "prod", t0())];
-    let mut plain_rotation = rotated_on_first_use(now);
-    if let KeyringEvent::KeyRotated(r) = &mut plain_rotation[1].0 {
-        r.revoke_old_on_first_use = false;
-    }
-    given.extend(plain_rotation);
+    given.extend(rotation(now, false));
     expect_error(
         given,
         plain(3, Command::RetireRotatedKey { new_key_id: id(11) }),

@@ -56,15 +56,8 @@ enum BenchWhat {
     /// Verification over HTTP against a running keyledger, next to a bare endpoint of the
     /// same server (a closed-loop load generator).
     Http {
-        /// The running keyledger.
-        #[arg(
-            long,
-            env = "KEYLEDGER_SERVER",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        server: String,
-        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        target: ServerArgs,
         /// Keys generated (through the API) and verified in turn.
         #[arg(long, default_value_t = 1000)]
         keys: usize,
@@ -85,14 +78,8 @@ enum BenchWhat {
     /// The listing as of an instant, and a key's history, on an account of `--events`
     /// events, next to the plain listing.
     History {
-        #[arg(
-            long,
-            env = "KEYLEDGER_SERVER",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        server: String,
-        #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        target: ServerArgs,
         #[arg(long, default_value_t = 1000)]
         events: usize,
         #[arg(long, default_value_t = 200)]
@@ -130,6 +117,20 @@ enum BenchWhat {
 }
 
 /// A running keyledger's PostgreSQL and Kafka, for the load tools.
+/// A running keyledger and a token for it.
+#[derive(Debug, Clone, Args)]
+struct ServerArgs {
+    /// The running keyledger.
+    #[arg(
+        long,
+        env = "KEYLEDGER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
 #[derive(Debug, Clone, Args)]
 struct TargetArgs {
     /// The PostgreSQL of the running keyledger.
@@ -222,8 +223,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             events,
         } => bench::bus::audit_bench(&kafka_brokers, events).await,
         BenchWhat::Http {
-            server,
-            token,
+            target: ServerArgs { server, token },
             keys,
             connections,
             seconds,
@@ -241,8 +241,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
         .await
         .map(|_| ()),
         BenchWhat::History {
-            server,
-            token,
+            target: ServerArgs { server, token },
             events,
             samples,
         } => bench::history::history(&server, &token, events.max(1), samples.max(1)).await,
