@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::domain::AccountId;
-use crate::handler::{CommandHandler, HandleError, Request};
+use crate::handler::{CommandHandler, HandleError, Request, Status};
 use crate::keyring::KeyringError;
 use crate::read_side::first_use::FirstUse;
 use crate::read_side::ReadSide;
@@ -45,11 +45,26 @@ pub async fn run(
             _ = stop.changed() => return,
         };
         let Some(used) = used else { return };
-        if !retire(&handler, &used).await {
+        // Forgotten later either way: after a failure, so that a busy successor does not
+        // retry on every verification; after success, once the revocation has long reached
+        // the index (a repeat would only be answered as a duplicate).
+        let wait = if retire(&handler, &used).await {
+            FORGET_AFTER_SUCCESS
+        } else {
+            RETRY_AFTER
+        };
+        let read_side = read_side.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
             read_side.first_use().forget(used.new_key_id);
-        }
+        });
     }
 }
+
+/// How soon a failed revocation may be tried again (on the successor's next verification).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a successful one is remembered, so the same process does not issue it again.
+const FORGET_AFTER_SUCCESS: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Issues the revocation; false when it should be tried again.
 async fn retire(handler: &CommandHandler, used: &FirstUse) -> bool {
@@ -66,15 +81,27 @@ async fn retire(handler: &CommandHandler, used: &FirstUse) -> bool {
         reply_key: None,
     };
     match handler.execute(request).await {
-        Ok(_) => {
-            tracing::info!(account_id = used.account_id, new_key_id = %used.new_key_id, "successor verified: old key revoked");
-            crate::metrics::metrics().count("keyledger_rotations_ended_on_first_use_total", &[], 1);
+        Ok(outcome) => {
+            if outcome.status == Status::Accepted {
+                tracing::info!(account_id = used.account_id, new_key_id = %used.new_key_id, "successor verified: old key revoked");
+                crate::metrics::metrics().count(
+                    "keyledger_rotations_ended_on_first_use_total",
+                    &[],
+                    1,
+                );
+            }
             true
         }
         // Another instance (or the grace) ended it first.
         Err(HandleError::Rejected(
             KeyringError::NothingToRetire(_) | KeyringError::KeyNotFound(_),
         )) => true,
+        // Someone used this command id for another command (it is derivable): retrying
+        // cannot help; the grace ends the old key.
+        Err(HandleError::IdempotencyKeyReused) => {
+            tracing::error!(account_id = used.account_id, new_key_id = %used.new_key_id, "the first-use revocation's command id was taken by another command; the old key ends with its grace");
+            true
+        }
         Err(e) => {
             tracing::warn!(account_id = used.account_id, new_key_id = %used.new_key_id, error = %e, "cannot end a rotation on first use; the next verification retries");
             false

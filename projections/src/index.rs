@@ -176,9 +176,9 @@ pub struct VerificationIndex {
     accounts: Vec<Account>,
     account_ix: HashMap<Box<str>, u32>,
     legacy: HashMap<Box<str>, Vec<LegacyCandidate>>,
-    /// Rotations that end on the successor's first use: new key id → old key id, while the
-    /// old key is live. Small (rotations in flight), so every verify pays one emptiness
-    /// check and only a successor's verify a lookup.
+    /// Rotations that end on the successor's first use: new key id → old key id, until the
+    /// revocation or expiry of either key is recorded. Small (rotations in flight), so every
+    /// verify pays one emptiness check and only a successor's verify a lookup.
     first_use: HashMap<Uuid, Uuid>,
 }
 
@@ -440,9 +440,10 @@ pub enum SnapshotError {
     Damaged,
 }
 
-/// Version 2 added the first-use rotations; a version-1 snapshot is ignored (the log is
-/// replayed once).
+/// Version 2 added the first-use rotations. A version-1 snapshot is still read: it was
+/// written before any rotation could ask to end on first use, so it holds none.
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KLIDX\0\0\x02";
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"KLIDX\0\0\x01";
 
 /// A little-endian writer for snapshots.
 struct Out(Vec<u8>);
@@ -567,7 +568,11 @@ impl VerificationIndex {
 
     /// An index from [`VerificationIndex::to_snapshot`]'s bytes, every reference checked.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        if bytes.len() < SNAPSHOT_MAGIC.len() + 32 || &bytes[..8] != SNAPSHOT_MAGIC {
+        if bytes.len() < SNAPSHOT_MAGIC.len() + 32 {
+            return Err(SnapshotError::Format);
+        }
+        let v1 = &bytes[..8] == SNAPSHOT_MAGIC_V1;
+        if !v1 && &bytes[..8] != SNAPSHOT_MAGIC {
             return Err(SnapshotError::Format);
         }
         let (body, sum) = bytes.split_at(bytes.len() - 32);
@@ -625,7 +630,7 @@ impl VerificationIndex {
             }
             ix.legacy.insert(username, candidates);
         }
-        let rotations = i.len()?;
+        let rotations = if v1 { 0 } else { i.len()? };
         for _ in 0..rotations {
             let new = Uuid::from_bytes(i.array()?);
             ix.first_use.insert(new, Uuid::from_bytes(i.array()?));
@@ -748,6 +753,24 @@ mod tests {
             }),
         );
         assert_eq!(retires(&ix, &h_new), None, "nothing left to retire");
+    }
+
+    #[test]
+    fn a_format_1_snapshot_is_still_read() {
+        let later = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(100);
+        let mut ix = VerificationIndex::new();
+        ix.apply("acc", 1, &generated(Uuid::new_v4(), &[3u8; 32], later));
+        // Format 1 is format 2 without the (empty) first-use section.
+        let v2 = ix.to_snapshot();
+        let mut v1 = v2[..v2.len() - 32 - 8].to_vec();
+        v1[..8].copy_from_slice(SNAPSHOT_MAGIC_V1);
+        let sum = blake3::hash(&v1);
+        v1.extend_from_slice(sum.as_bytes());
+        let restored = VerificationIndex::from_snapshot(&v1).expect("format 1 reads");
+        assert!(matches!(
+            restored.lookup(&[3u8; 32], DateTime::<Utc>::UNIX_EPOCH),
+            Lookup::Valid(_)
+        ));
     }
 
     #[test]

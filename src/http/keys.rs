@@ -98,9 +98,8 @@ impl RowView {
     }
 }
 
-/// The query of `GET …/keys`.
+/// The query of `GET …/keys` (other parameters are ignored, as they always were).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// `inactive`: revoked keys too.
     #[serde(default)]
@@ -285,10 +284,16 @@ pub async fn history(
     }
     if svg {
         return Ok((
-            [(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("image/svg+xml"),
-            )],
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("image/svg+xml"),
+                ),
+                (
+                    axum::http::header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                ),
+            ],
             crate::read_side::timeline::svg(key_id, &moments),
         )
             .into_response());

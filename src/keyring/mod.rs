@@ -270,6 +270,11 @@ impl Keyring {
                     .keys
                     .get(new_key_id)
                     .ok_or(KeyringError::KeyNotFound(*new_key_id))?;
+                if !new.is_live_at(now) {
+                    // An instance that had not yet heard of the successor's revocation saw
+                    // it used: ending the old key now would leave the account with neither.
+                    return Err(KeyringError::NothingToRetire(*new_key_id));
+                }
                 let old = new
                     .rotated_from
                     .and_then(|old| self.keys.get(&old))

@@ -747,6 +747,16 @@ async fn a_rotation_may_end_on_the_successors_first_use() {
         KeyringError::NothingToRetire(id(11)),
     )
     .await;
+    // Nor when the successor itself was revoked meanwhile (an instance that had not heard of
+    // it yet saw it used): the old key must not go too.
+    let mut successor_gone = given.clone();
+    successor_gone.push(revoked(3, 11, later));
+    expect_error(
+        successor_gone,
+        plain(4, Command::RetireRotatedKey { new_key_id: id(11) }),
+        KeyringError::NothingToRetire(id(11)),
+    )
+    .await;
     TestFramework::<Keyring>::with(services_at(now + Duration::days(2), Policy::default()))
         .given(given)
         .when_async(plain(4, Command::RetireRotatedKey { new_key_id: id(11) }))

@@ -4,7 +4,10 @@
 //! any instance. The verify path cannot wait for a command to be decided, so it only
 //! signals (once per key and process, without blocking) and [`crate::rotation`] revokes
 //! the old key; the command id it uses is derived from the new key, so several
-//! instances signalling at once still record one revocation.
+//! instances signalling at once still record one revocation. Only a successor whose
+//! rotation is still open reaches [`FirstUseSignal::signal`] (the index forgets the
+//! rotation once the old key's revocation is applied, milliseconds after the first use),
+//! so the lock here is taken by a handful of verifications, not by a busy key's traffic.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -47,7 +50,8 @@ impl FirstUseSignal {
             .unwrap_or_else(|p| p.into_inner())
             .insert(new_key_id);
         if fresh {
-            // Nobody listening (a tool without the service) leaves the grace to end it.
+            // Without the service's rotation task (a tool over the read side) the receiver
+            // is never taken and the signal waits unread: the grace ends the old key.
             let _ = self.tx.send(FirstUse {
                 account_id: account_id.to_owned(),
                 new_key_id,
@@ -55,7 +59,8 @@ impl FirstUseSignal {
         }
     }
 
-    /// Lets the next verification of `new_key_id` signal again (the revocation failed).
+    /// Lets the next verification of `new_key_id` signal again (the revocation failed, or
+    /// the rotation is over and its entry may go).
     pub fn forget(&self, new_key_id: Uuid) {
         self.signalled
             .lock()

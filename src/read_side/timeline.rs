@@ -127,7 +127,8 @@ fn escape(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            c if c.is_control() => out.push(' '),
+            // Not characters XML allows: control characters and the two non-characters.
+            c if c.is_control() || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push(' '),
             c => out.push(c),
         }
     }

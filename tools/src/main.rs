@@ -116,7 +116,6 @@ enum BenchWhat {
     },
 }
 
-/// A running keyledger's PostgreSQL and Kafka, for the load tools.
 /// A running keyledger and a token for it.
 #[derive(Debug, Clone, Args)]
 struct ServerArgs {
@@ -131,6 +130,7 @@ struct ServerArgs {
     token: String,
 }
 
+/// A running keyledger's PostgreSQL and Kafka, for the load tools.
 #[derive(Debug, Clone, Args)]
 struct TargetArgs {
     /// The PostgreSQL of the running keyledger.

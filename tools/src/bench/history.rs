@@ -250,17 +250,22 @@ fn background_load(a: Api, rate: f64, stop: Arc<AtomicBool>) -> tokio::task::Joi
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let sent = Arc::new(AtomicU64::new(0));
+        let mut requests = Vec::new();
         let mut i = 0u64;
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
             let (a, sent) = (a.clone(), sent.clone());
             let account = format!("bench-load-{run}-{}", i / 40);
-            tokio::spawn(async move {
+            requests.push(tokio::spawn(async move {
                 if a.generate(&account, &format!("k{i}")).await.is_ok() {
                     sent.fetch_add(1, Ordering::Relaxed);
                 }
-            });
+            }));
             i += 1;
+        }
+        // Those still in flight count too.
+        for r in requests {
+            let _ = r.await;
         }
         sent.load(Ordering::Relaxed)
     })
