@@ -18,6 +18,14 @@ async fn main() -> ExitCode {
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
         Commands::Reminders(args) => run_reminders(&args.client, args.action).await,
         Commands::Tokens(args) => tokens(args),
+        Commands::Scan { paths, git, json } => match keyledger::cli::scan::run(&paths, git, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
         Commands::Audit(args) => match audit(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

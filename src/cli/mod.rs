@@ -1,9 +1,11 @@
 //! The operator's command line: `serve` and `migrate` run the service and its schema;
 //! `keys`, `reminders` and `migrate-legacy` are clients of a running server's HTTP API (one
-//! writer path); `audit` replays the log. Load tools are `keyledger-tools`, not here.
+//! writer path); `audit` replays the log; `scan` looks for leaked keys in files and git
+//! history. Load tools are `keyledger-tools`, not here.
 
 mod client;
 pub mod legacy;
+pub mod scan;
 
 use std::path::PathBuf;
 
@@ -76,6 +78,19 @@ pub enum Commands {
     Tokens(TokensArgs),
     /// The reminder saga's schedule, through a running server's HTTP API.
     Reminders(RemindersArgs),
+    /// Find key-shaped strings in files, folders and (--git) history; prints where and the
+    /// last five characters, never a key; exit 1 when any is found.
+    Scan {
+        /// Files or folders (`.git` folders are skipped; use --git for the history).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also every commit of the repository at each path (keys since deleted too).
+        #[arg(long)]
+        git: bool,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

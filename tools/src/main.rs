@@ -85,6 +85,14 @@ enum BenchWhat {
         #[arg(long, default_value_t = 200)]
         samples: usize,
     },
+    /// `keyledger scan` on plain text next to `grep -c` on the same files.
+    Scan {
+        #[arg(long, default_value_t = 200)]
+        megabytes: usize,
+        /// The keyledger binary (default: next to this one).
+        #[arg(long)]
+        keyledger: Option<PathBuf>,
+    },
     /// A revocation on instance A until instance B refuses the key: idle, and under load.
     Revocation {
         #[arg(long)]
@@ -245,6 +253,16 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             events,
             samples,
         } => bench::history::history(&server, &token, events.max(1), samples.max(1)).await,
+        BenchWhat::Scan {
+            megabytes,
+            keyledger,
+        } => {
+            let binary = match keyledger {
+                Some(path) => path,
+                None => std::env::current_exe()?.with_file_name("keyledger"),
+            };
+            bench::scan::run(&binary, megabytes)
+        }
         BenchWhat::Revocation {
             server_a,
             server_b,

@@ -8,11 +8,13 @@
 //! - [`restart`]: time from start to ready, and memory, with a large store.
 //! - [`history`]: the listing `as_of` an instant and a key's history next to the plain
 //!   listing; how fast a revocation on one instance is refused on another.
+//! - [`scan`]: `keyledger scan` on plain text next to `grep -c`.
 
 pub mod bus;
 pub mod history;
 pub mod http;
 pub mod restart;
+pub mod scan;
 
 /// The `p` quantile (0..=1) of sorted values; NaN when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
