@@ -14,9 +14,13 @@ use uuid::Uuid;
 
 use super::history::Moment;
 
-/// The first 8 characters of a key id: enough to tell a pair of keys apart.
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
+/// The last 8 characters of a key id: enough to tell a pair of keys apart (the first ones
+/// of a UUIDv7 are its time, the same for a key and the successor minted with it).
+fn short(id: &str) -> String {
+    match id.len().checked_sub(8).and_then(|from| id.get(from..)) {
+        Some(tail) => format!("…{tail}"),
+        None => id.to_owned(),
+    }
 }
 
 fn text<'a>(payload: &'a Value, field: &str) -> &'a str {
@@ -327,8 +331,8 @@ mod tests {
         ];
         assert_eq!(describe(&moments[1], old), "contacts set to x@y.sg");
         assert!(describe(&moments[2], old)
-            .starts_with("rotated into 00000000; on the successor's first use"));
-        assert_eq!(describe(&moments[2], new), "took over from 00000000");
+            .starts_with("rotated into …00000002; on the successor's first use"));
+        assert_eq!(describe(&moments[2], new), "took over from …00000001");
         assert_eq!(describe(&moments[3], old), "revoked (rotated)");
         let svg = svg(old, &moments);
         assert!(svg.contains("a&lt;b") && !svg.contains("a<b"));
