@@ -369,13 +369,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let sequence: i64 = r.get(0);
-                let payload: String = r.get(1);
-                let event: KeyringEvent =
-                    serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                        account_id: account_id.to_owned(),
-                        sequence,
-                        reason: e.to_string(),
-                    })?;
+                let event = decode_event(account_id, sequence, r.get(1))?;
                 Ok(StoredRecord {
                     actor: r.get(2),
                     ..StoredRecord::bare(account_id, sequence.max(0) as u64, event)
@@ -576,17 +570,26 @@ pub fn group_by_account(records: Vec<StoredRecord>) -> Vec<(String, Vec<StoredRe
 }
 
 /// Decodes a stored payload (the cqrs-es form of [`KeyringEvent`]).
+/// The event stored as `payload`, or which one is unreadable and why.
+fn decode_event(
+    account_id: &str,
+    sequence: i64,
+    payload: &str,
+) -> Result<KeyringEvent, StoreError> {
+    serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
+        account_id: account_id.to_owned(),
+        sequence,
+        reason: e.to_string(),
+    })
+}
+
 fn decode(
     account_id: String,
     sequence: i64,
     payload: String,
     metadata: String,
 ) -> Result<StoredRecord, StoreError> {
-    let event: KeyringEvent = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-        account_id: account_id.clone(),
-        sequence,
-        reason: e.to_string(),
-    })?;
+    let event = decode_event(&account_id, sequence, &payload)?;
     let metadata: HashMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
     let sequence = sequence.max(0) as u64;
     Ok(StoredRecord {

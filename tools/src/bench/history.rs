@@ -57,7 +57,7 @@ impl Api {
 
     /// Generates a key; (key id, api key).
     async fn generate(&self, account: &str, label: &str) -> anyhow::Result<(String, String)> {
-        let body = json!({"label": label, "contacts": ["ops@agency.gov.sg"], "login_email": "bench@agency.gov.sg"});
+        let body = super::generate_body(label);
         let v = self
             .call(
                 Method::POST,

@@ -81,7 +81,7 @@ async fn generate_keys(client: &reqwest::Client, s: &HttpSettings) -> anyhow::Re
             s.token.clone(),
         );
         batch.push(tokio::spawn(async move {
-            let body = json!({"label": format!("k{i}"), "contacts": ["ops@agency.gov.sg"], "login_email": "bench@agency.gov.sg"});
+            let body = super::generate_body(&format!("k{i}"));
             let answer: Value = client
                 .post(url)
                 .bearer_auth(token)

@@ -25,6 +25,11 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The body of a GenerateKey request the load tools send over HTTP.
+pub fn generate_body(label: &str) -> serde_json::Value {
+    serde_json::json!({"label": label, "contacts": ["ops@agency.gov.sg"], "login_email": "bench@agency.gov.sg"})
+}
+
 /// The `i`-th synthetic key of a benchmark store: 20 keys per account (`acct-0000000`, …),
 /// valid for 180 days from `now`, its hash made with `hasher`. Returns the account, the
 /// event's sequence in it, and the event.
