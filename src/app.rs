@@ -194,6 +194,11 @@ impl Application {
             signer.clone(),
             read_side.clone(),
         ));
+        let leaks = Arc::new(crate::leaks::LeakDesk::new(
+            handler.clone(),
+            read_side.clone(),
+            settings.clock.clone(),
+        ));
         tasks.push(tokio::spawn(tokens.clone().watch(stopped.clone())));
         let feed = |projection: Arc<dyn Projection>, name: &str| -> JoinHandle<()> {
             match &source {
@@ -227,6 +232,7 @@ impl Application {
                     bus.clone(),
                     pool.clone(),
                     handler.clone(),
+                    leaks.clone(),
                     Publisher::new(bus, 0)?,
                     halts.clone(),
                 );
@@ -256,6 +262,12 @@ impl Application {
                 handler.clone(),
                 stopped.clone(),
             )));
+            let usage = crate::read_side::usage::UsageFlusher {
+                read_side: read_side.clone(),
+                store: store.clone(),
+                every: settings.usage_flush,
+            };
+            tasks.push(tokio::spawn(usage.run(stopped.clone())));
         }
         let saga = Arc::new(Saga::new(store.clone(), settings.reminders.stages.clone()));
         if roles.saga {
@@ -302,6 +314,7 @@ impl Application {
             tokens,
             log_keys: log_keys.clone(),
             legacy: crate::read_side::legacy::LegacyGate::new(settings.legacy_checks_per_second),
+            leaks,
         });
         let listener = if roles.http {
             Some(

@@ -896,6 +896,7 @@ mod tests {
                 revoked_at: t,
                 cause: None,
                 source: None,
+                ..Default::default()
             }),
             None,
             None,

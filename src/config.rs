@@ -32,6 +32,9 @@ pub enum Storage {
     Postgres { url: SecretString },
 }
 
+/// How often usage is flushed unless configured (`KEYLEDGER_USAGE_FLUSH_SECONDS`).
+pub const DEFAULT_USAGE_FLUSH: Duration = Duration::from_secs(5);
+
 /// Everything the service needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -67,6 +70,8 @@ pub struct Settings {
     pub roles: Roles,
     /// Reminders, expiry and notifications.
     pub reminders: ReminderSettings,
+    /// How often the verifications counted in memory are added to the usage table.
+    pub usage_flush: Duration,
 }
 
 /// The reminder saga's and the notifier's settings.
@@ -219,6 +224,8 @@ pub struct Inputs {
     pub bus: Option<BusConfig>,
     pub roles: Roles,
     pub reminders: ReminderSettings,
+    /// Zero means the default (5 s).
+    pub usage_flush: Duration,
 }
 
 /// Where the embedded mode keeps its files.
@@ -352,6 +359,11 @@ impl Settings {
             bus: inputs.bus,
             roles: inputs.roles,
             reminders: inputs.reminders,
+            usage_flush: if inputs.usage_flush.is_zero() {
+                DEFAULT_USAGE_FLUSH
+            } else {
+                inputs.usage_flush
+            },
         };
         Ok((settings, token_path))
     }

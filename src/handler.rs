@@ -56,9 +56,19 @@ pub struct Request {
 }
 
 impl Request {
-    /// The command's fingerprint: what a reused command id must match.
+    /// The command's fingerprint: what a reused command id must match. A reminder's usage
+    /// is left out: the saga reads it afresh each time it fires the same stage.
     fn fingerprint(&self) -> String {
-        let bytes = serde_json::to_vec(&self.command).unwrap_or_default();
+        let mut command = self.command.clone();
+        if let Command::SendExpiryReminder {
+            last_used_at,
+            usage_since,
+            ..
+        } = &mut command
+        {
+            (*last_used_at, *usage_since) = (None, None);
+        }
+        let bytes = serde_json::to_vec(&command).unwrap_or_default();
         blake3::hash(&bytes).to_hex().to_string()
     }
 }

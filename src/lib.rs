@@ -13,11 +13,11 @@
 //! | --- | --- | --- |
 //! | 1 | [`domain`] | values that parse on construction: account ids, labels, emails, keys, the clock, the policy |
 //! | 1 | [`keyring`] | the aggregate: decides commands, applies events (pure) |
-//! | 2 | [`store`] | the event store and the tables beside it: ordered reads, transactions, checkpoints, offsets, index snapshots |
+//! | 2 | [`store`] | the event store and the tables beside it: ordered reads, transactions, checkpoints, offsets, index snapshots, key usage |
 //! | 2 | [`tokens`] | scoped API tokens: the tokens file, roles, constant-time lookup |
 //! | 2 | [`kafka`] | Kafka plumbing: settings, topics, idempotent producer, consumer groups with offsets in PostgreSQL, halts |
 //! | 3 | [`projection`] | the one way events reach a consumer: the `Projection` trait, fed from the store or the events topic |
-//! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index; the listing at an instant and a key's history, folded from the log |
+//! | 3 | [`read_side`] | the in-memory verification index, the listing table and the persisted index; the listing at an instant and a key's history, folded from the log; usage counted by verify and flushed |
 //! | 3 | [`reminders`] | the reminder schedule (a projection) and the saga that fires it |
 //! | 3 | [`notify`] | the notifier: outbox (a projection), notifications topic, SMTP |
 //! | 4 | [`handler`] | the one writer path: load, dedupe, mint, decide, commit, feed the read side |
@@ -26,6 +26,7 @@
 //! | 5 | [`cli`] | the operator's command line (`keys` and `reminders` are HTTP clients) |
 //! | 5 | [`audit`] | `keyledger audit`: replays the log and proves what happened |
 //! | 5 | [`rotation`] | ends a first-use rotation when its successor is first verified |
+//! | 5 | [`leaks`] | the leak desk: revokes reported keys and has their contacts told |
 //! | 6 | [`app`] | assembles and runs the service from [`config`] |
 //! | — | [`config`], [`metrics`], [`telemetry`] | settings, Prometheus metrics, logs (used at every layer) |
 //!
@@ -45,6 +46,7 @@ pub mod handler;
 pub mod http;
 pub mod kafka;
 pub mod keyring;
+pub mod leaks;
 pub mod metrics;
 pub mod notify;
 pub mod projection;

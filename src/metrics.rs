@@ -137,6 +137,26 @@ const HELP: &[(&str, &str, &str)] = &[
         "Accounts whose next outbox row could not be read; their events are held back (every other account goes on).",
     ),
     (
+        "keyledger_leaks_reported_total",
+        "counter",
+        "Keys reported in leak reports (POST /v1/leaks, ReportLeak), by result: revoked, already_inactive, unknown, malformed.",
+    ),
+    (
+        "keyledger_keys_revoked_for_leaks_total",
+        "counter",
+        "Live keys revoked because they were reported leaked (their contacts are told).",
+    ),
+    (
+        "keyledger_usage_flush_lag_seconds",
+        "gauge",
+        "How old the oldest verification counted in memory could be when this instance last wrote its usage (grows while the usage table cannot be written).",
+    ),
+    (
+        "keyledger_usage_flushed_total",
+        "counter",
+        "Verifications this instance has added to the usage table.",
+    ),
+    (
         "keyledger_index_lag_seconds",
         "gauge",
         "How long the last event from another instance's commit took to reach this instance's verification index (events topic or LISTEN): a revocation elsewhere is refused here that much later.",

@@ -162,6 +162,7 @@ mod tests {
                 revoked_at: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
                 cause: None,
                 source: None,
+                ..Default::default()
             })
         };
         let a = next(&next(&GENESIS, "acc", 1, &e(1)), "acc", 2, &e(2));

@@ -65,12 +65,35 @@ pub enum Command {
         stage: u32,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         skipping: Vec<u32>,
+        /// When the key was last verified, as the saga read the usage table (for the
+        /// reminder to say; absent when never or not known).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_used_at: Option<DateTime<Utc>>,
+        /// Since when usage is recorded: with no `last_used_at`, a key held since then was
+        /// never used.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage_since: Option<DateTime<Utc>>,
     },
     /// keyledger's own, on the first verification of `new_key_id`: revoke the key it
     /// succeeded when that rotation asked for `revoke_old_on_first_use`. Issued with a
     /// command id derived from `new_key_id`, so however many instances see the first use,
     /// one revocation is recorded.
     RetireRotatedKey { new_key_id: Uuid },
+    /// keyledger's own, for each live key of a leak report: revoke it (`cause = leaked`)
+    /// and tell its contacts at once.
+    RevokeLeakedKey { key_id: Uuid, source: String },
+    /// Report keys found where they should not be (at most 100): each live key is revoked
+    /// and its contacts told. Not a command of one keyring: the envelope's `account_id` is
+    /// not used (any valid id, e.g. the reporter's). Its result lists, in order, what
+    /// became of each key, by its last five characters only.
+    ReportLeak {
+        keys: Vec<String>,
+        /// Where the keys were found (a URL, a file, a ticket).
+        source: String,
+        /// Who reports (free text).
+        #[serde(default)]
+        reporter: String,
+    },
     /// Bring over the account's single pre-multi-key (legacy) key.
     MigrateLegacyKey {
         login_email: String,
@@ -90,6 +113,8 @@ pub enum CommandType {
     ExpireKey,
     SendExpiryReminder,
     RetireRotatedKey,
+    RevokeLeakedKey,
+    ReportLeak,
     MigrateLegacyKey,
 }
 
@@ -103,6 +128,8 @@ impl CommandType {
             CommandType::ExpireKey => "ExpireKey",
             CommandType::SendExpiryReminder => "SendExpiryReminder",
             CommandType::RetireRotatedKey => "RetireRotatedKey",
+            CommandType::RevokeLeakedKey => "RevokeLeakedKey",
+            CommandType::ReportLeak => "ReportLeak",
             CommandType::MigrateLegacyKey => "MigrateLegacyKey",
         }
     }
@@ -110,12 +137,14 @@ impl CommandType {
 
 impl Command {
     /// Whether only keyledger itself may issue this command (the reminder saga's
-    /// SendExpiryReminder, the first-use RetireRotatedKey): refused from HTTP and the bus
-    /// with `forbidden_command`.
+    /// SendExpiryReminder, the first-use RetireRotatedKey, the leak desk's
+    /// RevokeLeakedKey): refused from HTTP and the bus with `forbidden_command`.
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            Command::SendExpiryReminder { .. } | Command::RetireRotatedKey { .. }
+            Command::SendExpiryReminder { .. }
+                | Command::RetireRotatedKey { .. }
+                | Command::RevokeLeakedKey { .. }
         )
     }
 
@@ -128,6 +157,8 @@ impl Command {
             Command::ExpireKey { .. } => CommandType::ExpireKey,
             Command::SendExpiryReminder { .. } => CommandType::SendExpiryReminder,
             Command::RetireRotatedKey { .. } => CommandType::RetireRotatedKey,
+            Command::RevokeLeakedKey { .. } => CommandType::RevokeLeakedKey,
+            Command::ReportLeak { .. } => CommandType::ReportLeak,
             Command::MigrateLegacyKey { .. } => CommandType::MigrateLegacyKey,
         }
     }

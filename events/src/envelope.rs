@@ -238,6 +238,40 @@ pub struct CommandResult {
     pub sealed_api_key: Option<String>,
     #[serde(default)]
     pub event_sequences: Vec<u64>,
+    /// For a ReportLeak: what became of each key, in the order given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<LeakResult>>,
+}
+
+/// What a leak report did with one key (the answer of `POST /v1/leaks` and of ReportLeak).
+/// Names no account, label or contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LeakResult {
+    /// The key's last five characters (empty when the string was too short to have them).
+    pub last_five: String,
+    pub result: LeakOutcome,
+}
+
+/// `revoked` (it was live: revoked now), `already_inactive` (revoked or expired before),
+/// `unknown` (key-shaped, but no key of keyledger's), `malformed` (not key-shaped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakOutcome {
+    Revoked,
+    AlreadyInactive,
+    Unknown,
+    Malformed,
+}
+
+impl LeakOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakOutcome::Revoked => "revoked",
+            LeakOutcome::AlreadyInactive => "already_inactive",
+            LeakOutcome::Unknown => "unknown",
+            LeakOutcome::Malformed => "malformed",
+        }
+    }
 }
 
 /// What could not be parsed, and why, on `keyledger.dead-letters`.
@@ -256,7 +290,7 @@ pub struct DeadLetter {
 pub struct Notification {
     /// UUIDv5 of the event id and the recipient: the idempotency key of this email.
     pub notification_id: Uuid,
-    /// The ExpiryReminderDue or KeyExpired event that caused it.
+    /// The ExpiryReminderDue, KeyExpired or KeyRevoked (leaked) event that caused it.
     pub event_id: Uuid,
     pub account_id: String,
     pub key_id: Uuid,
@@ -264,11 +298,40 @@ pub struct Notification {
     pub subject: String,
     /// Plain text.
     pub body: String,
-    /// `expiry_reminder` or `key_expired`.
+    /// `expiry_reminder`, `key_expired` or `key_leaked`.
     pub kind: String,
-    /// The reminder stage (days before expiry); absent on an expiry notice.
+    /// A reminder's stage (days before expiry, a number), `"leaked"` on a leak notice;
+    /// absent on an expiry notice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage: Option<u32>,
+    pub stage: Option<NotificationStage>,
+}
+
+/// The `stage` of a notification: a number of days for a reminder, a word otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum NotificationStage {
+    /// A reminder, this many days before expiry.
+    Days(u32),
+    /// A notice that is no reminder (`"leaked"`).
+    Word(StageWord),
+}
+
+/// The stages that are words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StageWord {
+    /// The key was reported leaked and has been revoked.
+    Leaked,
+}
+
+impl NotificationStage {
+    /// The reminder stage in days, if this is one.
+    pub fn days(self) -> Option<u32> {
+        match self {
+            NotificationStage::Days(d) => Some(d),
+            NotificationStage::Word(_) => None,
+        }
+    }
 }
 
 impl Notification {
@@ -290,6 +353,10 @@ mod tests {
             revoked_at: DateTime::<Utc>::UNIX_EPOCH,
             cause: None,
             source: None,
+            recipients: vec![],
+            label: String::new(),
+            last_five: String::new(),
+            login_email: String::new(),
         })
     }
 

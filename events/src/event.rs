@@ -45,7 +45,7 @@ pub struct ContactsUpdated {
 }
 
 /// A key was revoked (deleted): it fails verification at once and leaves the listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KeyRevoked {
     pub command_id: Uuid,
     pub key_id: Uuid,
@@ -57,6 +57,17 @@ pub struct KeyRevoked {
     /// Where a leaked key was found (with `cause = leaked`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// For a leaked key, who is told at once: its contacts, or the login email when it has
+    /// none (empty for other revocations, which tell no one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// For a leaked key, the key as named in the notice.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_five: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub login_email: String,
 }
 
 /// Why a key was revoked.
@@ -139,7 +150,7 @@ pub struct LegacyKeyMigrated {
 /// A reminder stage of a key fell due and was decided: its recipients are told once.
 /// Decided by the aggregate on the saga's SendExpiryReminder, only for a live key and a
 /// stage not sent or skipped before.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExpiryReminderDue {
     pub command_id: Uuid,
     pub key_id: Uuid,
@@ -161,6 +172,13 @@ pub struct ExpiryReminderDue {
     pub last_five: String,
     #[serde(default)]
     pub login_email: String,
+    /// When the key was last verified, as the usage table knew when the reminder fell due
+    /// (absent when never used or not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// The usage table knew of no verification of the key at all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub never_used: bool,
 }
 
 /// Every event of a keyring, as stored (externally tagged by its type name).
@@ -287,6 +305,10 @@ mod tests {
             revoked_at: now,
             cause: None,
             source: None,
+            recipients: vec![],
+            label: String::new(),
+            last_five: String::new(),
+            login_email: String::new(),
         });
         let p = e.payload();
         assert_eq!(p["key_id"], serde_json::json!(id.to_string()));

@@ -23,7 +23,8 @@ pub mod signature;
 pub use command::{Command, CommandEnvelope, CommandType};
 pub use envelope::{
     decode_event, CommandResult, CommandStatus, DeadLetter, DecodeError, DecodedEvent, ErrorBody,
-    EventEnvelope, Notification, Unsigned, EVENT_ID_NAMESPACE,
+    EventEnvelope, LeakOutcome, LeakResult, Notification, NotificationStage, StageWord, Unsigned,
+    EVENT_ID_NAMESPACE,
 };
 pub use event::{
     ContactsUpdated, ExpiryReminderDue, KeyExpired, KeyGenerated, KeyRevoked, KeyRotated,

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Utc};
 use keyledger_events::KeyringEvent;
@@ -51,7 +52,6 @@ impl Hasher for PassThrough {
     }
 }
 
-#[derive(Clone)]
 struct Entry {
     hash_tail: [u8; 16],
     key_id: Uuid,
@@ -60,6 +60,10 @@ struct Entry {
     label_start: u32,
     label_len: u16,
     status: u8,
+    /// Successful verifications since the usage was last drained (in memory only).
+    uses: AtomicU32,
+    /// Unix seconds of the last successful verification (0: none since start).
+    last_used_s: AtomicU32,
 }
 
 struct Account {
@@ -120,6 +124,19 @@ impl<'a> Verified<'a> {
         self.index.first_use.get(&self.key_id()).copied()
     }
 
+    /// Counts a successful verification at `now_s` (Unix seconds) for the usage table: two
+    /// relaxed atomic operations on the entry's own cache line, under the read lock every
+    /// verify already holds. The last-used time is written only when the second changed,
+    /// so a busy key's line is not bounced between cores on every call.
+    #[inline]
+    pub fn note_use(&self, now_s: u32) {
+        let e = self.entry();
+        e.uses.fetch_add(1, Ordering::Relaxed);
+        if e.last_used_s.load(Ordering::Relaxed) != now_s {
+            e.last_used_s.store(now_s, Ordering::Relaxed);
+        }
+    }
+
     pub fn label(&self) -> &'a str {
         let e = self.entry();
         let start = e.label_start as usize;
@@ -156,6 +173,16 @@ pub enum Lookup<'a> {
     Unknown,
     Expired,
     Revoked,
+}
+
+/// A key's verifications counted in memory, drained for the usage table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub account_id: String,
+    pub key_id: Uuid,
+    pub verifications: u32,
+    /// Unix seconds of the last one.
+    pub last_used_s: u32,
 }
 
 /// Sizes, for measuring memory per key.
@@ -337,6 +364,8 @@ impl VerificationIndex {
             label_start,
             label_len: label.len() as u16,
             status: ACTIVE,
+            uses: AtomicU32::new(0),
+            last_used_s: AtomicU32::new(0),
         });
         self.accounts[account as usize].entries.push(slot);
         slot
@@ -361,6 +390,18 @@ impl VerificationIndex {
             }
             _ => Lookup::Unknown,
         }
+    }
+
+    /// The key with this hash whatever its state, and whether it is live as of `now` (a
+    /// leak report must tell a revoked key from one keyledger never issued).
+    pub fn find(&self, hash: &[u8; 32], now: DateTime<Utc>) -> Option<(Verified<'_>, bool)> {
+        let (prefix, tail) = split(hash);
+        let &slot = self.by_prefix.get(&prefix)?;
+        if self.entries[slot as usize].hash_tail != tail {
+            return None;
+        }
+        let live = matches!(self.judge(slot, micros(now)), Lookup::Valid(_));
+        Some((Verified { index: self, slot }, live))
     }
 
     fn judge(&self, slot: u32, now_micros: i64) -> Lookup<'_> {
@@ -421,6 +462,46 @@ impl VerificationIndex {
             keys: self.entries.len(),
             accounts: self.accounts.len(),
             heap_bytes: map + entries + self.labels.capacity() + accounts,
+        }
+    }
+
+    /// Takes the verifications counted since the last call, up to `max` keys from entry
+    /// `from` on: (uses, the next entry to look at, or None at the end). Counters are
+    /// swapped to zero one by one, so a verification running meanwhile is counted here or
+    /// in the next call, never lost or twice.
+    pub fn drain_usage(&self, from: usize, max: usize) -> (Vec<Usage>, Option<usize>) {
+        let mut out = Vec::new();
+        let end = from.saturating_add(max).min(self.entries.len());
+        for e in self.entries.get(from..end).unwrap_or_default() {
+            if e.uses.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let uses = e.uses.swap(0, Ordering::Relaxed);
+            out.push(Usage {
+                account_id: self.accounts[e.account as usize].id.to_string(),
+                key_id: e.key_id,
+                verifications: uses,
+                last_used_s: e.last_used_s.load(Ordering::Relaxed),
+            });
+        }
+        (out, (end < self.entries.len()).then_some(end))
+    }
+
+    /// Gives back counts a [`Self::drain_usage`] took but could not store (they are
+    /// counted again in the next drain).
+    pub fn restore_usage(&self, usage: &[Usage]) {
+        let mut by_key: HashMap<Uuid, &Usage> = usage.iter().map(|u| (u.key_id, u)).collect();
+        if by_key.is_empty() {
+            return;
+        }
+        for e in &self.entries {
+            if let Some(u) = by_key.remove(&e.key_id) {
+                e.uses.fetch_add(u.verifications, Ordering::Relaxed);
+                e.last_used_s.fetch_max(u.last_used_s, Ordering::Relaxed);
+                if by_key.is_empty() {
+                    return;
+                }
+            }
         }
     }
 
@@ -608,6 +689,8 @@ impl VerificationIndex {
                 label_start: i.u32()?,
                 label_len: i.u16()?,
                 status: i.u8()?,
+                uses: AtomicU32::new(0),
+                last_used_s: AtomicU32::new(0),
             });
         }
         ix.labels = i.str()?.to_owned();
@@ -750,6 +833,7 @@ mod tests {
                 revoked_at: now,
                 cause: Some(keyledger_events::RevokeCause::Rotated),
                 source: None,
+                ..Default::default()
             }),
         );
         assert_eq!(retires(&ix, &h_new), None, "nothing left to retire");
@@ -814,6 +898,7 @@ mod tests {
                 revoked_at: now,
                 cause: None,
                 source: None,
+                ..Default::default()
             }),
         );
         assert_eq!(ix.lookup(&h1, now), Lookup::Revoked);
@@ -859,6 +944,7 @@ mod tests {
                 revoked_at: now,
                 cause: None,
                 source: None,
+                ..Default::default()
             }),
         );
         let bytes = ix.to_snapshot();

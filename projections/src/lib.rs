@@ -9,7 +9,9 @@
 mod index;
 mod listing;
 
-pub use index::{IndexStats, LegacyCandidate, Lookup, SnapshotError, VerificationIndex, Verified};
+pub use index::{
+    IndexStats, LegacyCandidate, Lookup, SnapshotError, Usage, VerificationIndex, Verified,
+};
 pub use listing::{
     happened_by, listing_change, KeyStatus, Listing, ListingChange, ListingRow, Revocation,
 };

@@ -300,6 +300,7 @@ mod tests {
             revoked_at: cut,
             cause: None,
             source: None,
+            ..Default::default()
         });
         l.apply("acc", 4, &revoked);
         let rows = l.rows_of("acc");

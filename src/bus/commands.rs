@@ -6,7 +6,7 @@
 //! recorded in PostgreSQL (at most every 250 ms per partition). After a crash the message is handled again; the aggregate
 //! recognises the command id and the second result says `duplicate`. Several instances share
 //! the work as one consumer group ([`crate::kafka::group`]: each partition resumes at the offset
-//! stored in PostgreSQL).
+//! stored in PostgreSQL). A ReportLeak spans accounts: the [`crate::leaks`] desk takes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::domain::api_key::{contains_key_shaped, redact_keys};
 use crate::domain::seal;
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
@@ -30,6 +31,7 @@ use crate::kafka::halt::Halts;
 use crate::kafka::publisher::Publisher;
 use crate::kafka::{supervise, BusConfig, BusError};
 use crate::keyring::KeyringError;
+use crate::leaks::{LeakDesk, Report};
 use crate::store::offsets;
 
 /// How long the consumer waits for a record before it looks at its assignment again.
@@ -51,6 +53,7 @@ pub struct CommandConsumer {
     bus: BusConfig,
     pool: PgPool,
     handler: Arc<CommandHandler>,
+    leaks: Arc<LeakDesk>,
     producer: Publisher,
     halts: Halts,
 }
@@ -150,15 +153,24 @@ fn rejected(envelope: &CommandEnvelope, code: &str, message: String) -> CommandR
         key_id: None,
         sealed_api_key: None,
         event_sequences: vec![],
+        results: None,
     }
 }
 
-/// A dead letter for `message` (its value cut to [`DEAD_LETTER_KEEP`] bytes).
+/// A dead letter for `message` (its value cut to [`DEAD_LETTER_KEEP`] bytes). Key-shaped
+/// strings in it (a leak report that could not be read) are reduced to their last five:
+/// the dead letters are kept for 30 days.
 fn dead_letter<M: Message>(message: &M, reason: String) -> DeadLetter {
     let raw = message.payload().unwrap_or_default();
+    let raw = &raw[..raw.len().min(DEAD_LETTER_KEEP)];
+    let original = if contains_key_shaped(raw) {
+        STANDARD.encode(redact_keys(&String::from_utf8_lossy(raw)).as_bytes())
+    } else {
+        STANDARD.encode(raw)
+    };
     DeadLetter {
-        reason,
-        original: STANDARD.encode(&raw[..raw.len().min(DEAD_LETTER_KEEP)]),
+        reason: redact_keys(&reason).into_owned(),
+        original,
         topic: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),
@@ -182,6 +194,7 @@ impl CommandConsumer {
         bus: BusConfig,
         pool: PgPool,
         handler: Arc<CommandHandler>,
+        leaks: Arc<LeakDesk>,
         producer: Publisher,
         halts: Halts,
     ) -> Self {
@@ -189,6 +202,7 @@ impl CommandConsumer {
             bus,
             pool,
             handler,
+            leaks,
             producer,
             halts,
         }
@@ -391,6 +405,18 @@ impl CommandConsumer {
         };
         let reject =
             |code: &str, message: String| Reply::Result(rejected(&envelope, code, message));
+        if let Command::ReportLeak {
+            keys,
+            source,
+            reporter,
+        } = &request.command
+        {
+            let report = match Report::parse(keys.clone(), source, reporter) {
+                Ok(r) => r,
+                Err(e) => return reject("invalid_leak_report", e.to_string()),
+            };
+            return self.report_leak(&envelope, &request.actor, &report).await;
+        }
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
             match self.handler.execute(request.clone()).await {
@@ -418,6 +444,33 @@ impl CommandConsumer {
             // The sealed box kept with the outcome: a redelivery gets the same key.
             sealed_api_key: outcome.sealed_api_key.clone(),
             event_sequences: outcome.sequences.clone(),
+            results: None,
+        })
+    }
+
+    /// A leak report: each key's command id derives from the envelope's, so a redelivery
+    /// gets the original answers. Retried while the store is unavailable.
+    async fn report_leak(&self, envelope: &CommandEnvelope, actor: &str, report: &Report) -> Reply {
+        let mut backoff = Duration::from_millis(100);
+        let results = loop {
+            match self.leaks.report(envelope.command_id, actor, report).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::warn!(error = %e, command_id = %envelope.command_id, "leak report not handled yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        Reply::Result(CommandResult {
+            command_id: envelope.command_id,
+            account_id: envelope.account_id.clone(),
+            status: CommandStatus::Accepted,
+            error: None,
+            key_id: None,
+            sealed_api_key: None,
+            event_sequences: vec![],
+            results: Some(results),
         })
     }
 

@@ -189,6 +189,9 @@ pub struct ServeArgs {
         default_value_t = 4.0
     )]
     pub legacy_checks_per_second: f64,
+    /// How often each instance adds the verifications it counted to the usage table.
+    #[arg(long, env = "KEYLEDGER_USAGE_FLUSH_SECONDS", default_value_t = 5.0)]
+    pub usage_flush_seconds: f64,
     /// Fixed expiry of migrated legacy keys (RFC 3339).
     #[arg(
         long,
@@ -346,6 +349,9 @@ impl ServeArgs {
             max_db_connections: self.db_connections,
             legacy_salt: self.legacy_salt.clone(),
             legacy_checks_per_second: self.legacy_checks_per_second,
+            usage_flush: std::time::Duration::from_secs_f64(
+                self.usage_flush_seconds.clamp(0.05, 3600.0),
+            ),
             bus: self
                 .kafka_brokers
                 .as_ref()

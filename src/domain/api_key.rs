@@ -246,8 +246,45 @@ pub fn contains_key_shaped(bytes: &[u8]) -> bool {
     key_shaped(bytes).next().is_some()
 }
 
+/// `text` with every [`key_shaped`] string replaced by `[key …xxxxx]` (its last five):
+/// for free text that is kept or shown (a leak report's source, a dead letter) and must not
+/// carry a key at rest.
+pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    let spans: Vec<_> = key_shaped(text.as_bytes()).collect();
+    if spans.is_empty() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for span in spans {
+        out.push_str(&text[at..span.start]);
+        // A key-shaped span is ASCII, so these are character boundaries.
+        out.push_str("[key …");
+        out.push_str(&text[span.end - 5..span.end]);
+        out.push(']');
+        at = span.end;
+    }
+    out.push_str(&text[at..]);
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redaction_keeps_only_the_last_five() {
+        let key = mint_key("johndoe", &KeyHasher::new(b"pepper"));
+        let k = key.plaintext.expose();
+        let text = format!("found at https://x.test/?k={k} and {k}.");
+        let red = redact_keys(&text);
+        assert!(!red.contains(k));
+        assert_eq!(
+            red.matches(&format!("[key …{}]", &k[k.len() - 5..]))
+                .count(),
+            2
+        );
+        assert_eq!(redact_keys("nothing here"), "nothing here");
+    }
+
     #[test]
     fn key_shaped_strings_are_found_in_text() {
         let key = mint_key("johndoe", &KeyHasher::new(b"pepper"));

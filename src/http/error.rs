@@ -25,11 +25,14 @@ struct Envelope {
 }
 
 impl ApiError {
+    /// An error answer. A key-shaped string in `message` (serde may quote the input) is
+    /// reduced to its last five: an error message can end up in a proxy's or client's log.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
         Self {
             status,
             code,
-            message: message.into(),
+            message: crate::domain::api_key::redact_keys(&message).into_owned(),
         }
     }
 

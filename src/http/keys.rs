@@ -18,6 +18,7 @@ use crate::domain::AccountId;
 use crate::handler::{Outcome, Request, Status};
 use crate::keyring::{KeyFacts, KeyringError};
 use crate::read_side::history;
+use crate::store::usage::{self, KeyUsage};
 use crate::tokens::Caller;
 
 #[derive(Deserialize)]
@@ -78,13 +79,19 @@ pub struct RowView {
     revoked_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     revoked_cause: Option<&'static str>,
+    /// When last verified (null when never), from the usage table (the present's, also
+    /// in a listing `as_of` an earlier instant).
+    last_used_at: Option<DateTime<Utc>>,
+    verifications_30d: i64,
 }
 
 impl RowView {
-    /// `row` with its status as of `now`.
-    fn of(row: ListingRow, now: DateTime<Utc>) -> Self {
+    /// `row` with its status as of `now` and its usage.
+    fn of(row: ListingRow, now: DateTime<Utc>, usage: Option<&KeyUsage>) -> Self {
         let status = row.status_at(now).as_str();
         Self {
+            last_used_at: usage.and_then(|u| u.last_used_at),
+            verifications_30d: usage.map(|u| u.verifications_30d).unwrap_or(0),
             key_id: row.key_id,
             label: row.label,
             last_five: row.last_five,
@@ -107,11 +114,21 @@ pub struct ListQuery {
     /// The listing as it stood at this instant (RFC 3339), folded from the log.
     #[serde(default)]
     as_of: Option<String>,
+    /// Only keys not verified for this many days (never verified included).
+    #[serde(default)]
+    unused_for: Option<String>,
+}
+
+/// What a listing asks for.
+struct Asked {
+    inactive: bool,
+    as_of: Option<DateTime<Utc>>,
+    unused_for: Option<chrono::Duration>,
 }
 
 impl ListQuery {
-    /// (with the revoked keys, as of) — or a precise error.
-    fn parse(&self, now: DateTime<Utc>) -> Result<(bool, Option<DateTime<Utc>>), ApiError> {
+    /// What is asked — or a precise error.
+    fn parse(&self, now: DateTime<Utc>) -> Result<Asked, ApiError> {
         let inactive = match self.include.as_deref() {
             None => false,
             Some("inactive") => true,
@@ -139,7 +156,22 @@ impl ListQuery {
                 Some(t)
             }
         };
-        Ok((inactive, as_of))
+        let unused_for = match self.unused_for.as_deref() {
+            None => None,
+            Some(raw) => match raw.parse::<u32>() {
+                Ok(days @ 1..=3650) => Some(chrono::Duration::days(i64::from(days))),
+                _ => {
+                    return Err(ApiError::invalid_request(format!(
+                        "unused_for must be a number of days from 1 to 3650, not '{raw}'"
+                    )))
+                }
+            },
+        };
+        Ok(Asked {
+            inactive,
+            as_of,
+            unused_for,
+        })
     }
 }
 
@@ -249,15 +281,30 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let account_id = account(&account_id)?;
     let now = state.clock.now();
-    let (inactive, as_of) = query.parse(now)?;
+    let Asked {
+        inactive,
+        as_of,
+        unused_for,
+    } = query.parse(now)?;
     let rows = if inactive || as_of.is_some() {
         // From the log: the listing table holds only the present's live keys.
         history::listing_at(&state.store, account_id.as_str(), as_of, inactive).await?
     } else {
         crate::read_side::listing::rows(&state.store, Some(account_id.as_str())).await?
     };
+    let usage = usage::of_account(&state.store, account_id.as_str(), usage::day_of(now)).await?;
     let at = as_of.unwrap_or(now);
-    let keys: Vec<RowView> = rows.into_iter().map(|r| RowView::of(r, at)).collect();
+    let keys: Vec<RowView> = rows
+        .into_iter()
+        .map(|r| {
+            let u = usage.get(&r.key_id);
+            RowView::of(r, at, u)
+        })
+        .filter(|v| match (unused_for, v.last_used_at) {
+            (Some(d), Some(last)) => last <= now - d,
+            _ => true,
+        })
+        .collect();
     Ok(Json(serde_json::json!({ "keys": keys })).into_response())
 }
 
@@ -314,10 +361,16 @@ pub async fn update_contacts(
         key_id,
         contacts: body.contacts,
     };
-    let outcome = run(&state, &caller, &headers, account_id, command).await?;
+    let outcome = run(&state, &caller, &headers, account_id.clone(), command).await?;
     // The row as the command left it (the listing table may be fed asynchronously).
-    let view = key_view(&outcome, state.clock.now())?;
+    let now = state.clock.now();
+    let view = key_view(&outcome, now)?;
+    let usage = usage::of_account(&state.store, account_id.as_str(), usage::day_of(now))
+        .await?
+        .remove(&view.key_id);
     Ok(Json(RowView {
+        last_used_at: usage.and_then(|u| u.last_used_at),
+        verifications_30d: usage.map(|u| u.verifications_30d).unwrap_or(0),
         key_id: view.key_id,
         label: view.label,
         last_five: view.last_five,

@@ -5,6 +5,7 @@ mod error;
 mod extract;
 mod health;
 mod keys;
+mod leaks;
 pub mod reminders;
 mod verify;
 
@@ -47,6 +48,8 @@ pub struct Services {
     pub halts: crate::kafka::halt::Halts,
     /// Set when the bus is on: readiness asks the brokers.
     pub bus: Option<crate::kafka::BusProbe>,
+    /// Revokes reported keys and tells their contacts.
+    pub leaks: Arc<crate::leaks::LeakDesk>,
 }
 
 /// Who may call a route.
@@ -62,6 +65,7 @@ pub enum Access {
 const KEY_COMMANDS: Access = Access::Roles(&[Role::Issuer]);
 const READS: Access = Access::Roles(&[Role::Issuer, Role::Reader]);
 const VERIFY: Access = Access::Roles(&[Role::Verifier]);
+const LEAKS: Access = Access::Roles(&[Role::Reporter]);
 const ANY_TOKEN: Access =
     Access::Roles(&[Role::Issuer, Role::Reader, Role::Verifier, Role::Reporter]);
 
@@ -126,6 +130,7 @@ pub fn routes() -> Vec<Route> {
             KEY_COMMANDS,
         ),
         route(Method::POST, "/v1/verify", post(verify::verify), VERIFY),
+        route(Method::POST, "/v1/leaks", post(leaks::report), LEAKS),
         route(
             Method::GET,
             "/v1/reminders",

@@ -263,8 +263,33 @@ impl Keyring {
                     revoked_at: now,
                     cause: None,
                     source: None,
+                    recipients: vec![],
+                    label: String::new(),
+                    last_five: String::new(),
+                    login_email: String::new(),
                 })])
             }
+            Command::RevokeLeakedKey { key_id, source } => {
+                let key = self.existing(*key_id)?;
+                if !key.is_live_at(now) {
+                    // Expired already: it verifies nowhere, nothing to end and no one to alarm.
+                    return Err(KeyringError::KeyExpired(*key_id));
+                }
+                Ok(vec![KeyringEvent::KeyRevoked(KeyRevoked {
+                    command_id,
+                    key_id: *key_id,
+                    revoked_at: now,
+                    cause: Some(RevokeCause::Leaked),
+                    source: Some(source.clone()),
+                    recipients: key.recipients(self.login_email()),
+                    label: key.label.clone(),
+                    last_five: key.last_five.clone(),
+                    login_email: self.login_email.clone().unwrap_or_default(),
+                })])
+            }
+            Command::ReportLeak { .. } => Err(KeyringError::Internal(
+                "ReportLeak spans keyrings: the leak desk takes it, not one account".into(),
+            )),
             Command::RetireRotatedKey { new_key_id } => {
                 let new = self
                     .keys
@@ -290,6 +315,10 @@ impl Keyring {
                     revoked_at: now,
                     cause: Some(RevokeCause::Rotated),
                     source: None,
+                    recipients: vec![],
+                    label: String::new(),
+                    last_five: String::new(),
+                    login_email: String::new(),
                 })])
             }
             Command::RotateKey {
@@ -389,6 +418,8 @@ impl Keyring {
                 key_id,
                 stage,
                 skipping,
+                last_used_at,
+                usage_since,
             } => {
                 // Only the configured stages: a forged command must not make the notifier
                 // mail a key's contacts once per day of its life.
@@ -433,6 +464,10 @@ impl Keyring {
                     label: key.label.clone(),
                     last_five: key.last_five.clone(),
                     login_email: self.login_email.clone().unwrap_or_default(),
+                    last_used_at: *last_used_at,
+                    // Never used only if usage was recorded for the key's whole life.
+                    never_used: last_used_at.is_none()
+                        && usage_since.is_some_and(|since| since <= key.held_since),
                 })])
             }
             Command::MigrateLegacyKey {

@@ -89,6 +89,7 @@ fn revoked(cmd: u128, key: u128, at: DateTime<Utc>) -> StoredEvent {
         revoked_at: at,
         cause: None,
         source: None,
+        ..Default::default()
     }))
 }
 
@@ -565,6 +566,8 @@ fn remind(cmd: u128, stage: u32, skipping: &[u32]) -> KeyringCommand {
             key_id: id(10),
             stage,
             skipping: skipping.to_vec(),
+            last_used_at: None,
+            usage_since: None,
         },
     )
 }
@@ -582,6 +585,7 @@ fn reminder_due(cmd: u128, stage: u32, skipped: &[u32], recipients: &[&str]) -> 
         label: "p".into(),
         last_five: material(10).last_five,
         login_email: LOGIN.into(),
+        ..Default::default()
     }))
 }
 
@@ -736,6 +740,7 @@ async fn a_rotation_may_end_on_the_successors_first_use() {
             revoked_at: later,
             cause: Some(keyledger_events::RevokeCause::Rotated),
             source: None,
+            ..Default::default()
         }))]);
 
     // Once key 10 is gone (revoked, or past its grace), there is nothing to retire.
@@ -781,4 +786,89 @@ async fn only_a_first_use_rotation_retires_anything() {
         KeyringError::NothingToRetire(id(10)),
     )
     .await;
+}
+
+fn leaked(cmd: u128, key: u128) -> KeyringCommand {
+    plain(
+        cmd,
+        Command::RevokeLeakedKey {
+            key_id: id(key),
+            source: "https://example.test/repo/.env".into(),
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_leaked_key_is_revoked_with_its_source_and_its_contacts_named() {
+    let now = t0() + Duration::days(3);
+    framework_at(now)
+        .given(vec![generated(1, 10, "prod", t0())])
+        .when_async(leaked(2, 10))
+        .await
+        .then_expect_events(vec![StoredEvent(KeyringEvent::KeyRevoked(KeyRevoked {
+            command_id: id(2),
+            key_id: id(10),
+            revoked_at: now,
+            cause: Some(keyledger_events::RevokeCause::Leaked),
+            source: Some("https://example.test/repo/.env".into()),
+            recipients: vec!["ops@agency.gov.sg".into()],
+            label: "prod".into(),
+            last_five: material(10).last_five,
+            login_email: LOGIN.into(),
+        }))]);
+}
+
+#[tokio::test]
+async fn a_leak_of_a_revoked_or_expired_key_changes_nothing() {
+    expect_error(
+        vec![generated(1, 10, "prod", t0()), revoked(2, 10, t0())],
+        leaked(3, 10),
+        KeyringError::KeyRevoked(id(10)),
+    )
+    .await;
+    framework_at(Policy::default().expiry_for(t0()) + Duration::seconds(1))
+        .given(vec![generated(1, 10, "prod", t0())])
+        .when_async(leaked(3, 10))
+        .await
+        .then_expect_error(KeyringError::KeyExpired(id(10)));
+}
+
+#[tokio::test]
+async fn a_reminder_says_never_used_only_when_usage_was_recorded_all_along() {
+    let with_usage = |last: Option<DateTime<Utc>>, since: DateTime<Utc>| {
+        let mut c = remind(3, 28, &[]);
+        if let Command::SendExpiryReminder {
+            last_used_at,
+            usage_since,
+            ..
+        } = &mut c.command
+        {
+            (*last_used_at, *usage_since) = (last, Some(since));
+        }
+        c
+    };
+    let due = |last: Option<DateTime<Utc>>, never: bool| {
+        let StoredEvent(KeyringEvent::ExpiryReminderDue(mut e)) =
+            reminder_due(3, 28, &[], &["ops@agency.gov.sg"])
+        else {
+            unreachable!()
+        };
+        e.label = "p".into();
+        e.last_used_at = last;
+        e.never_used = never;
+        StoredEvent(KeyringEvent::ExpiryReminderDue(e))
+    };
+    let used = t0() + Duration::days(40);
+    for (last, since, expected) in [
+        (Some(used), t0(), due(Some(used), false)),
+        (None, t0() - Duration::days(1), due(None, true)),
+        // Usage recorded only since after the key was made: it may have been used before.
+        (None, t0() + Duration::days(1), due(None, false)),
+    ] {
+        framework_days_before_expiry(28)
+            .given(vec![generated(1, 10, "p", t0())])
+            .when_async(with_usage(last, since))
+            .await
+            .then_expect_events(vec![expected]);
+    }
 }

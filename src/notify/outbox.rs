@@ -3,7 +3,7 @@
 //! `next_attempt_ms` is NULL when no delivery by SMTP is wanted. The SQL is the same on
 //! PostgreSQL and SQLite; times are Unix milliseconds of the machine's clock.
 
-use keyledger_events::Notification;
+use keyledger_events::{Notification, NotificationStage, StageWord};
 use uuid::Uuid;
 
 use crate::store::{with_pool, with_tx, Store, StoreError, Tx};
@@ -61,8 +61,12 @@ fn pending(row: Row) -> Result<Pending, StoreError> {
             to,
             subject,
             body,
+            stage: if kind == "key_leaked" {
+                Some(NotificationStage::Word(StageWord::Leaked))
+            } else {
+                stage.map(|s| NotificationStage::Days(s.max(0) as u32))
+            },
             kind,
-            stage: stage.map(|s| s.max(0) as u32),
         },
         attempts,
     })
@@ -92,7 +96,8 @@ pub async fn insert(
         .bind(&n.subject)
         .bind(&n.body)
         .bind(&n.kind)
-        .bind(n.stage.map(i64::from))
+        // The column holds a reminder's days; a word stage follows from the kind.
+        .bind(n.stage.and_then(NotificationStage::days).map(i64::from))
         .bind(now_ms)
         .bind(if published { Some(now_ms) } else { None })
         .bind(if deliver { Some(now_ms) } else { None })

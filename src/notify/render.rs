@@ -1,4 +1,5 @@
-//! Turning an ExpiryReminderDue or KeyExpired event into emails, one per recipient.
+//! Turning an ExpiryReminderDue, a KeyExpired or a leaked key's KeyRevoked event into
+//! emails, one per recipient.
 //!
 //! The wording lives in `templates/*.txt` (a `Subject:` line, a blank line, the body), built
 //! in and replaceable from a folder at start-up (`KEYLEDGER_TEMPLATE_DIR`). Rendering is
@@ -7,7 +8,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, FixedOffset, Utc};
-use keyledger_events::{KeyringEvent, Notification};
+use keyledger_events::{KeyringEvent, Notification, NotificationStage, RevokeCause, StageWord};
 use uuid::Uuid;
 
 /// Where the last reminder and the expiry notice point to.
@@ -34,8 +35,9 @@ impl Template {
         })
     }
 
-    fn fill(&self, values: &[(&str, &str)]) -> (String, String) {
-        (fill(&self.subject, values), fill(&self.body, values))
+    fn fill(&self, values: &[(&str, String)]) -> (String, String) {
+        let values: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        (fill(&self.subject, &values), fill(&self.body, &values))
     }
 }
 
@@ -69,15 +71,21 @@ fn fill(text: &str, values: &[(&str, &str)]) -> String {
     out
 }
 
-/// The three templates: a reminder, the last reminder, the expiry notice.
+/// The four templates: a reminder, the last reminder, the expiry notice, the leak notice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Templates {
     reminder: Template,
     last_reminder: Template,
     expired: Template,
+    leaked: Template,
 }
 
-const FILES: [&str; 3] = ["reminder.txt", "last-reminder.txt", "expired.txt"];
+const FILES: [&str; 4] = [
+    "reminder.txt",
+    "last-reminder.txt",
+    "expired.txt",
+    "leaked.txt",
+];
 
 impl Templates {
     /// The templates built into the binary (the repository's `templates/`).
@@ -87,10 +95,13 @@ impl Templates {
             reminder: parse(FILES[0], include_str!("../../templates/reminder.txt")),
             last_reminder: parse(FILES[1], include_str!("../../templates/last-reminder.txt")),
             expired: parse(FILES[2], include_str!("../../templates/expired.txt")),
+            leaked: parse(FILES[3], include_str!("../../templates/leaked.txt")),
         }
     }
 
-    /// Templates from `dir`, which must hold all three files.
+    /// Templates from `dir`, which must hold the first three files; `leaked.txt`, added
+    /// later, is the built-in one when the folder has none (a folder made for an older
+    /// version still starts).
     pub fn from_dir(dir: &Path) -> Result<Self, String> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -98,16 +109,23 @@ impl Templates {
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             Template::parse(name, &text)
         };
+        let leaked = if dir.join(FILES[3]).exists() {
+            read(FILES[3])?
+        } else {
+            Self::builtin().leaked
+        };
         Ok(Self {
             reminder: read(FILES[0])?,
             last_reminder: read(FILES[1])?,
             expired: read(FILES[2])?,
+            leaked,
         })
     }
 
     /// The notifications `event` (with id `event_id`) causes: one per recipient for an
-    /// ExpiryReminderDue or a KeyExpired, none for any other event. `last_stage` is the
-    /// smallest configured stage, whose reminder says it is the last.
+    /// ExpiryReminderDue, a KeyExpired or the KeyRevoked of a leaked key, none for any other
+    /// event. `last_stage` is the smallest configured stage, whose reminder says it is the
+    /// last.
     pub fn render(
         &self,
         account_id: &str,
@@ -115,66 +133,111 @@ impl Templates {
         event: &KeyringEvent,
         last_stage: Option<u32>,
     ) -> Vec<Notification> {
-        let (template, kind, stage, key_id, recipients, label, last_five, login, expires_at) =
-            match event {
-                KeyringEvent::ExpiryReminderDue(e) => (
-                    if Some(e.stage) == last_stage {
-                        &self.last_reminder
-                    } else {
-                        &self.reminder
-                    },
-                    "expiry_reminder",
-                    Some(e.stage),
-                    e.key_id,
-                    &e.recipients,
-                    &e.label,
-                    &e.last_five,
-                    &e.login_email,
-                    e.expires_at,
-                ),
-                KeyringEvent::KeyExpired(e) => (
-                    &self.expired,
-                    "key_expired",
-                    None,
-                    e.key_id,
-                    &e.recipients,
-                    &e.label,
-                    &e.last_five,
-                    &e.login_email,
-                    e.expires_at,
-                ),
-                _ => return vec![],
-            };
-        let when = stage.map(in_words).unwrap_or_default();
-        let urgency = match stage {
-            Some(d) if d < 7 => "URGENT",
-            _ => "Reminder",
+        let Some(notice) = self.notice(event, last_stage) else {
+            return vec![];
         };
-        let expires = singapore_time(expires_at);
-        let (subject, body) = template.fill(&[
-            ("urgency", urgency),
-            ("when", &when),
-            ("label", label),
-            ("last_five", last_five),
-            ("login_email", login),
-            ("expires_at_sgt", &expires),
-            ("rotation_guide", ROTATION_GUIDE),
-        ]);
-        recipients
+        let (subject, body) = notice.template.fill(&notice.values);
+        notice
+            .recipients
             .iter()
             .map(|to| Notification {
                 notification_id: Notification::id_for(event_id, to),
                 event_id,
                 account_id: account_id.to_owned(),
-                key_id,
+                key_id: notice.key_id,
                 to: to.clone(),
                 subject: subject.clone(),
                 body: body.clone(),
-                kind: kind.to_owned(),
-                stage,
+                kind: notice.kind.to_owned(),
+                stage: notice.stage,
             })
             .collect()
     }
+
+    /// What `event` tells its recipients, if anything.
+    fn notice<'a>(
+        &'a self,
+        event: &'a KeyringEvent,
+        last_stage: Option<u32>,
+    ) -> Option<Notice<'a>> {
+        let common = |label: &'a str, last_five: &'a str, login: &'a str| {
+            vec![
+                ("label", label.to_owned()),
+                ("last_five", last_five.to_owned()),
+                ("login_email", login.to_owned()),
+                ("rotation_guide", ROTATION_GUIDE.to_owned()),
+            ]
+        };
+        Some(match event {
+            KeyringEvent::ExpiryReminderDue(e) => {
+                let mut values = common(&e.label, &e.last_five, &e.login_email);
+                let urgency = if e.stage < 7 { "URGENT" } else { "Reminder" };
+                let last_used = match (e.last_used_at, e.never_used) {
+                    (Some(at), _) => format!(" It was last used on {}.", singapore_time(at)),
+                    (None, true) => " It has never been used: if no system needs it, you \
+                                     can let it expire without a replacement."
+                        .to_owned(),
+                    (None, false) => String::new(),
+                };
+                values.extend([
+                    ("urgency", urgency.to_owned()),
+                    ("when", in_words(e.stage)),
+                    ("expires_at_sgt", singapore_time(e.expires_at)),
+                    ("last_used", last_used),
+                ]);
+                Notice {
+                    template: if Some(e.stage) == last_stage {
+                        &self.last_reminder
+                    } else {
+                        &self.reminder
+                    },
+                    kind: "expiry_reminder",
+                    stage: Some(NotificationStage::Days(e.stage)),
+                    key_id: e.key_id,
+                    recipients: &e.recipients,
+                    values,
+                }
+            }
+            KeyringEvent::KeyExpired(e) => {
+                let mut values = common(&e.label, &e.last_five, &e.login_email);
+                values.push(("expires_at_sgt", singapore_time(e.expires_at)));
+                Notice {
+                    template: &self.expired,
+                    kind: "key_expired",
+                    stage: None,
+                    key_id: e.key_id,
+                    recipients: &e.recipients,
+                    values,
+                }
+            }
+            KeyringEvent::KeyRevoked(e) if e.cause == Some(RevokeCause::Leaked) => {
+                let mut values = common(&e.label, &e.last_five, &e.login_email);
+                values.extend([
+                    ("source", e.source.clone().unwrap_or_default()),
+                    ("revoked_at_sgt", singapore_time(e.revoked_at)),
+                ]);
+                Notice {
+                    template: &self.leaked,
+                    kind: "key_leaked",
+                    stage: Some(NotificationStage::Word(StageWord::Leaked)),
+                    key_id: e.key_id,
+                    recipients: &e.recipients,
+                    values,
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// One kind of email about one key, before it is addressed.
+struct Notice<'a> {
+    template: &'a Template,
+    kind: &'static str,
+    stage: Option<NotificationStage>,
+    key_id: Uuid,
+    recipients: &'a [String],
+    values: Vec<(&'static str, String)>,
 }
 
 /// "four weeks", "three days", "one day": how Postman's subjects say a stage.
@@ -229,6 +292,7 @@ mod tests {
             label: "prod".into(),
             last_five: "x1y2z".into(),
             login_email: "owner@agency.gov.sg".into(),
+            ..Default::default()
         })
     }
 
@@ -301,6 +365,77 @@ mod tests {
         assert_eq!(n[0].subject, "Your Postman API key has expired");
         assert_eq!(n[0].kind, "key_expired");
         assert!(n[0].body.contains("expired on 21 April 2024, 08:00"));
+    }
+
+    #[test]
+    fn a_reminder_says_when_the_key_was_last_used_or_that_it_never_was() {
+        let t = Templates::builtin();
+        let with = |last, never| {
+            let KeyringEvent::ExpiryReminderDue(mut e) = reminder(14) else {
+                unreachable!()
+            };
+            e.last_used_at = last;
+            e.never_used = never;
+            t.render(
+                "acc",
+                Uuid::nil(),
+                &KeyringEvent::ExpiryReminderDue(e),
+                Some(1),
+            )[0]
+            .body
+            .clone()
+        };
+        assert!(with(Some(expiry()), false).contains("last used on 21 April 2024, 08:00"));
+        assert!(with(None, true).contains("never been used"));
+        let unknown = with(None, false);
+        assert!(!unknown.contains("last used") && !unknown.contains("never"));
+    }
+
+    #[test]
+    fn a_leak_notice_names_the_key_and_where_it_was_found() {
+        use keyledger_events::{KeyRevoked, NotificationStage, StageWord};
+        let e = KeyringEvent::KeyRevoked(KeyRevoked {
+            key_id: Uuid::from_u128(1),
+            revoked_at: expiry(),
+            cause: Some(RevokeCause::Leaked),
+            source: Some("https://github.com/agency/app/blob/main/.env".into()),
+            recipients: vec!["a@agency.gov.sg".into(), "b@agency.gov.sg".into()],
+            label: "prod".into(),
+            last_five: "x1y2z".into(),
+            login_email: "owner@agency.gov.sg".into(),
+            ..Default::default()
+        });
+        let n = Templates::builtin().render("acc", Uuid::from_u128(5), &e, Some(1));
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[0].kind, "key_leaked");
+        assert_eq!(n[0].stage, Some(NotificationStage::Word(StageWord::Leaked)));
+        let json = serde_json::to_value(&n[0]).expect("json");
+        assert_eq!(json["stage"], "leaked");
+        for needle in [
+            "\"prod\"",
+            "x1y2z",
+            "github.com/agency/app",
+            "21 April 2024, 08:00",
+        ] {
+            assert!(
+                n[0].body.contains(needle),
+                "{needle} missing from {}",
+                n[0].body
+            );
+        }
+        // Any other revocation tells no one.
+        let KeyringEvent::KeyRevoked(mut plain) = e else {
+            unreachable!()
+        };
+        plain.cause = None;
+        assert!(Templates::builtin()
+            .render(
+                "acc",
+                Uuid::nil(),
+                &KeyringEvent::KeyRevoked(plain),
+                Some(1)
+            )
+            .is_empty());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! from), and the two read-model tables — [`listing`] (the Settings page) and [`index`]
 //! (the persisted verification index) — which are projections of the log; what is folded
 //! from the log only when asked — [`history`] (the listing at an instant, a key's history)
-//! and [`timeline`] (telling and drawing it); and [`first_use`], the verify path's signal
-//! that a first-use rotation's successor was used.
+//! and [`timeline`] (telling and drawing it); [`first_use`], the verify path's signal
+//! that a first-use rotation's successor was used; and [`usage`], which takes what the
+//! verify path counts (in the index's own entries) to the usage table.
 //!
 //! The in-memory index is a fold that skips what it has applied, so feeding it is the same
 //! whether events come right after this process's commit, from the store at start-up, from
@@ -19,6 +20,7 @@ pub mod index;
 pub mod legacy;
 pub mod listing;
 pub mod timeline;
+pub mod usage;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
@@ -105,6 +107,23 @@ pub struct ReadSide {
     legacy_migrations: AtomicU64,
     /// Successors of first-use rotations verified here, for [`crate::rotation`].
     first_use: first_use::FirstUseSignal,
+    /// Whether a successful verify is counted for the usage table.
+    track_usage: AtomicBool,
+}
+
+/// What a presented key is to keyledger, whatever its state (for a leak report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identified {
+    /// Not shaped like a key.
+    Malformed,
+    /// Key-shaped, but no key keyledger holds.
+    Unknown,
+    Known {
+        account_id: String,
+        key_id: Uuid,
+        /// Neither revoked nor expired.
+        live: bool,
+    },
 }
 
 impl ReadSide {
@@ -119,6 +138,7 @@ impl ReadSide {
             changes: AtomicU64::new(0),
             legacy_migrations: AtomicU64::new(0),
             first_use: Default::default(),
+            track_usage: true.into(),
         }
     }
 
@@ -137,6 +157,7 @@ impl ReadSide {
             changes: AtomicU64::new(0),
             legacy_migrations: AtomicU64::new(0),
             first_use: Default::default(),
+            track_usage: true.into(),
         }
     }
 
@@ -485,6 +506,9 @@ impl ReadSide {
         let index = self.index();
         let verdict = match index.lookup(&hash, now) {
             Lookup::Valid(v) => {
+                if self.track_usage.load(Ordering::Relaxed) {
+                    v.note_use(now.timestamp().clamp(0, i64::from(u32::MAX)) as u32);
+                }
                 if v.retires().is_some() {
                     self.first_use.signal(v.account_id(), v.key_id());
                 }
@@ -498,6 +522,29 @@ impl ReadSide {
             Lookup::Revoked => Err(Rejection::Revoked),
         };
         f(verdict)
+    }
+
+    /// Whether successful verifications are counted for the usage table (on unless turned
+    /// off, which only the benchmarks do, to measure what counting costs).
+    pub fn set_usage_tracking(&self, on: bool) {
+        self.track_usage.store(on, Ordering::Relaxed);
+    }
+
+    /// What `presented` is, without verifying it: no usage counted, no first use signalled.
+    /// Keys of keyledger's own only; a migrated legacy key needs [`Self::verify_legacy`].
+    pub fn identify(&self, presented: &str, now: DateTime<Utc>) -> Identified {
+        let Ok(key) = PresentedKey::parse(presented) else {
+            return Identified::Malformed;
+        };
+        let hash = self.hasher.hash(key.as_str());
+        match self.index().find(&hash, now) {
+            Some((k, live)) => Identified::Known {
+                account_id: k.account_id().to_owned(),
+                key_id: k.key_id(),
+                live,
+            },
+            None => Identified::Unknown,
+        }
     }
 
     /// Verifies a presented key as of `now`, answering with owned facts.

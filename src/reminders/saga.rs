@@ -41,6 +41,29 @@ impl Saga {
         Self { store, stages }
     }
 
+    /// Fills a reminder's usage from the usage table, so its email can say when the key
+    /// was last used (or that it never was). Unreadable, it stays unsaid: a reminder is
+    /// not held back for it.
+    async fn add_usage(&self, command: &mut keyledger_events::Command) {
+        if let keyledger_events::Command::SendExpiryReminder {
+            key_id,
+            last_used_at,
+            usage_since,
+            ..
+        } = command
+        {
+            let read = async {
+                let last = crate::store::usage::last_used(&self.store, *key_id).await?;
+                let since = crate::store::usage::tracked_since(&self.store).await?;
+                Ok::<_, StoreError>((last, since))
+            };
+            match read.await {
+                Ok((last, since)) => (*last_used_at, *usage_since) = (last, since),
+                Err(e) => tracing::warn!(error = %e, "reminder without usage: cannot read it"),
+            }
+        }
+    }
+
     /// How many keys have a stage or their expiry due now.
     pub async fn due_now(&self, now: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
         store::count_due(&self.store, now.timestamp_millis()).await
@@ -175,10 +198,11 @@ impl Firing {
             let Some(action) = schedule.action(now) else {
                 continue;
             };
-            let (command_id, command) = action.command(schedule.key_id);
+            let (command_id, mut command) = action.command(schedule.key_id);
             if fired.contains_key(&command_id) {
                 continue;
             }
+            self.saga.add_usage(&mut command).await;
             fired.insert(command_id, Instant::now());
             let Ok(account_id) = AccountId::parse(&schedule.account_id) else {
                 tracing::error!(account_id = %schedule.account_id, "schedule names an invalid account");

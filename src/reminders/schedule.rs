@@ -86,6 +86,8 @@ impl Action {
                     key_id,
                     stage: *stage,
                     skipping: skipping.clone(),
+                    last_used_at: None,
+                    usage_since: None,
                 },
             ),
             Action::Expire => (
@@ -362,6 +364,7 @@ mod tests {
                 label: String::new(),
                 last_five: String::new(),
                 login_email: String::new(),
+                ..Default::default()
             }),
             &Stages::default(),
         ));

@@ -4,6 +4,7 @@
 //! written here once for both databases: reading events in order (one account after a
 //! sequence, or every account page by page), transactions for projections ([`Tx`]), the
 //! per-projection checkpoints ([`checkpoints`]) and consumer offsets ([`offsets`]), the
+//! keys' usage ([`usage`]), the
 //! account heads and the verification-index snapshots that make a restart quick. The SQL
 //! is the same on PostgreSQL and SQLite wherever the dialects agree (`with_pool!` and
 //! `with_tx!` run one body on either); where they differ, the code matches on the database
@@ -11,6 +12,7 @@
 
 pub mod checkpoints;
 pub mod offsets;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::path::Path;

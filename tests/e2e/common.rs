@@ -148,6 +148,7 @@ pub fn settings_with(
         bus,
         roles,
         reminders: Default::default(),
+        usage_flush: std::time::Duration::ZERO,
     };
     Settings::resolve(inputs).expect("valid settings").0
 }

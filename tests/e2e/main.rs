@@ -12,6 +12,7 @@ mod concurrency;
 mod event_log;
 mod history;
 mod kafka;
+mod leaks;
 mod legacy;
 mod lifecycle;
 mod observability;

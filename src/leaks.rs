@@ -1,0 +1,208 @@
+//! The leak desk: keys found where they should not be (a repository, a log, a ticket) are
+//! revoked at once and their contacts told, whoever reports them — over HTTP
+//! (`POST /v1/leaks`) or the bus (ReportLeak).
+//!
+//! Each string is identified against the verification index (no verify: no usage counted,
+//! no first use signalled). A key keyledger holds gets keyledger's own RevokeLeakedKey,
+//! decided by its account's keyring like any command, whose KeyRevoked (`cause = leaked`,
+//! with the source) the notifier turns into one email per contact. The answer says per key
+//! `revoked`, `already_inactive`, `unknown` or `malformed` and names no account, label or
+//! contact.
+//!
+//! Each key's command id is derived from the report's id and the key's id: a bus report
+//! redelivered gets its original answers, and two reports of one key revoke it once.
+//! A report's free text (source, reporter) is kept in the event and the email, with any
+//! key-shaped string in it reduced to its last five.
+
+use std::sync::Arc;
+
+use keyledger_events::{Command, LeakOutcome, LeakResult};
+use uuid::Uuid;
+
+use crate::domain::api_key::redact_keys;
+use crate::domain::{AccountId, Clock};
+use crate::handler::{CommandHandler, HandleError, Request, Status};
+use crate::read_side::{Identified, ReadSide};
+
+/// The most keys one report may hold.
+pub const MAX_KEYS: usize = 100;
+/// The longest source and reporter accepted, in characters.
+pub const MAX_TEXT_CHARS: usize = 1000;
+
+/// Why a report was refused as a whole (nothing was done).
+#[derive(Debug, thiserror::Error)]
+pub enum LeakError {
+    #[error("keys must hold 1 to {MAX_KEYS} strings, not {0}")]
+    KeyCount(usize),
+    #[error("source must say where the keys were found (1 to {MAX_TEXT_CHARS} characters)")]
+    Source,
+    #[error("reporter must be at most {MAX_TEXT_CHARS} characters")]
+    Reporter,
+    /// The store could not be reached; keys answered before it failed may be revoked.
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A leak report, checked.
+#[derive(Debug, Clone)]
+pub struct Report {
+    keys: Vec<String>,
+    source: String,
+    reporter: String,
+}
+
+impl Report {
+    /// Checks the sizes; key-shaped strings in `source` and `reporter` are reduced to
+    /// their last five (they are kept in the log and sent in emails).
+    pub fn parse(keys: Vec<String>, source: &str, reporter: &str) -> Result<Self, LeakError> {
+        if keys.is_empty() || keys.len() > MAX_KEYS {
+            return Err(LeakError::KeyCount(keys.len()));
+        }
+        let source = source.trim();
+        if source.is_empty() || source.chars().count() > MAX_TEXT_CHARS {
+            return Err(LeakError::Source);
+        }
+        if reporter.chars().count() > MAX_TEXT_CHARS {
+            return Err(LeakError::Reporter);
+        }
+        Ok(Self {
+            keys,
+            source: clean(source),
+            reporter: clean(reporter.trim()),
+        })
+    }
+}
+
+/// Free text as kept: no keys, no control characters (it goes into an email's body).
+fn clean(text: &str) -> String {
+    redact_keys(text)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The last five characters of what was reported (as the listing names keys).
+fn last_five(raw: &str) -> String {
+    let chars: Vec<char> = raw.trim().chars().collect();
+    chars[chars.len().saturating_sub(5)..].iter().collect()
+}
+
+pub struct LeakDesk {
+    handler: Arc<CommandHandler>,
+    read_side: Arc<ReadSide>,
+    clock: Arc<dyn Clock>,
+}
+
+impl LeakDesk {
+    pub fn new(
+        handler: Arc<CommandHandler>,
+        read_side: Arc<ReadSide>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            handler,
+            read_side,
+            clock,
+        }
+    }
+
+    /// Handles `report` (id `report_id`, sent by `actor`): one result per key, in order.
+    pub async fn report(
+        &self,
+        report_id: Uuid,
+        actor: &str,
+        report: &Report,
+    ) -> Result<Vec<LeakResult>, LeakError> {
+        let metrics = crate::metrics::metrics();
+        let mut results = Vec::with_capacity(report.keys.len());
+        for raw in &report.keys {
+            let (result, now_revoked) = self.one(report_id, actor, report, raw.trim()).await?;
+            metrics.count(
+                "keyledger_leaks_reported_total",
+                &[("result", result.as_str())],
+                1,
+            );
+            if now_revoked {
+                metrics.count("keyledger_keys_revoked_for_leaks_total", &[], 1);
+            }
+            results.push(LeakResult {
+                last_five: last_five(raw),
+                result,
+            });
+        }
+        tracing::info!(
+            report_id = %report_id,
+            actor,
+            keys = results.len(),
+            revoked = results.iter().filter(|r| r.result == LeakOutcome::Revoked).count(),
+            "leak report handled"
+        );
+        Ok(results)
+    }
+
+    /// What became of one key, and whether this call revoked it (not a redelivery).
+    async fn one(
+        &self,
+        report_id: Uuid,
+        actor: &str,
+        report: &Report,
+        raw: &str,
+    ) -> Result<(LeakOutcome, bool), LeakError> {
+        let now = self.clock.now();
+        let (account_id, key_id) = match self.read_side.identify(raw, now) {
+            Identified::Malformed => return Ok((LeakOutcome::Malformed, false)),
+            Identified::Known {
+                account_id, key_id, ..
+            } => (account_id, key_id),
+            Identified::Unknown => match self.live_legacy_key(raw).await {
+                Some(found) => found,
+                None => return Ok((LeakOutcome::Unknown, false)),
+            },
+        };
+        let Ok(account_id) = AccountId::parse(&account_id) else {
+            return Ok((LeakOutcome::Unknown, false));
+        };
+        // Issued even when the index says inactive: a redelivered report then gets its
+        // original answer (`duplicate` of the same command id), and the keyring — not a
+        // possibly lagging index — decides.
+        let request = Request {
+            account_id,
+            command_id: Uuid::new_v5(&report_id, key_id.as_bytes()),
+            actor: if report.reporter.is_empty() {
+                actor.to_owned()
+            } else {
+                format!("{actor} (reporter: {})", report.reporter)
+            },
+            command: Command::RevokeLeakedKey {
+                key_id,
+                source: report.source.clone(),
+            },
+            reply_key: None,
+        };
+        match self.handler.execute(request).await {
+            Ok(outcome) => Ok((LeakOutcome::Revoked, outcome.status == Status::Accepted)),
+            Err(HandleError::Rejected(_) | HandleError::IdempotencyKeyReused) => {
+                Ok((LeakOutcome::AlreadyInactive, false))
+            }
+            Err(e @ (HandleError::Contended | HandleError::Unavailable(_))) => {
+                Err(LeakError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// A live migrated legacy key (Postman's bcrypt scheme, tens of milliseconds on a
+    /// blocking thread; only when its username has one).
+    async fn live_legacy_key(&self, raw: &str) -> Option<(String, Uuid)> {
+        let now = self.clock.now();
+        if !self.read_side.legacy_enabled() || !self.read_side.has_live_legacy_candidate(raw, now) {
+            return None;
+        }
+        let read_side = self.read_side.clone();
+        let raw = raw.to_owned();
+        let found = tokio::task::spawn_blocking(move || read_side.verify_legacy(&raw, None, now))
+            .await
+            .ok()?
+            .ok()?;
+        Some((found.account_id, found.key_id))
+    }
+}
