@@ -18,7 +18,21 @@ async fn main() -> ExitCode {
         Commands::Keys(args) => run_keys(&args.client, args.action).await,
         Commands::Reminders(args) => run_reminders(&args.client, args.action).await,
         Commands::Tokens(args) => tokens(args),
-        Commands::Scan { paths, git, json } => match keyledger::cli::scan::run(&paths, git, json) {
+        Commands::Scan {
+            paths,
+            git,
+            json,
+            report,
+            source,
+            client,
+        } => match keyledger::cli::scan::run(
+            &paths,
+            git,
+            json,
+            report.then_some(keyledger::cli::scan::ReportTo { client, source }),
+        )
+        .await
+        {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => {

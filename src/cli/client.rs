@@ -1,6 +1,6 @@
 //! `keyledger keys …`: calls the HTTP API and prints its JSON answers.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 
 use anyhow::{bail, Context};
 use reqwest::{Method, StatusCode};
@@ -100,25 +100,45 @@ pub async fn run_keys(client: &ClientArgs, action: KeysAction) -> anyhow::Result
             account,
             include_inactive,
             as_of,
+            unused_for,
+            json,
+            table,
         } => {
             let mut query = Vec::new();
             if include_inactive {
                 query.push("include=inactive".to_owned());
             }
-            if let Some(t) = as_of {
-                query.push(format!("as_of={}", enc(&t)));
+            if let Some(t) = &as_of {
+                query.push(format!("as_of={}", enc(t)));
+            }
+            if let Some(d) = unused_for {
+                query.push(format!("unused_for={d}"));
             }
             let query = if query.is_empty() {
                 String::new()
             } else {
                 format!("?{}", query.join("&"))
             };
-            c.call(
-                Method::GET,
-                &format!("/v1/accounts/{}/keys{query}", enc(&account)),
-                None,
-            )
-            .await?
+            let (status, body) = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/accounts/{}/keys{query}", enc(&account)),
+                    None,
+                )
+                .await?;
+            let terminal = std::io::stdout().is_terminal();
+            if status.is_success() && (table || (terminal && !json)) {
+                let colour = std::env::var_os("CLICOLOR_FORCE").is_some_and(|v| v != "0")
+                    || (terminal && std::env::var_os("NO_COLOR").is_none());
+                let rows = body["keys"].as_array().cloned().unwrap_or_default();
+                let now = as_of
+                    .as_deref()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(chrono::Utc::now);
+                print!("{}", super::table::render(&rows, now, colour));
+                return Ok(());
+            }
+            (status, body)
         }
         KeysAction::History {
             account,

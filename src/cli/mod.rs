@@ -6,6 +6,7 @@
 mod client;
 pub mod legacy;
 pub mod scan;
+pub mod table;
 
 use std::path::PathBuf;
 
@@ -90,6 +91,16 @@ pub enum Commands {
         /// Print the findings as JSON.
         #[arg(long)]
         json: bool,
+        /// Submit every key found to a running keyledger's POST /v1/leaks (a reporter
+        /// token): live keys are revoked at once and their contacts told.
+        #[arg(long)]
+        report: bool,
+        /// With --report: where the keys were found, said before each key's file:line
+        /// (e.g. the repository's URL).
+        #[arg(long, default_value = "")]
+        source: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -551,6 +562,16 @@ pub enum KeysAction {
         /// The listing as it stood at this instant (RFC 3339), folded from the log.
         #[arg(long)]
         as_of: Option<String>,
+        /// Only keys not verified for this many days (never verified included).
+        #[arg(long, value_name = "DAYS")]
+        unused_for: Option<u32>,
+        /// Print the API's JSON (what scripts read; also the default when the output is
+        /// not a terminal).
+        #[arg(long, conflicts_with = "table")]
+        json: bool,
+        /// Print the table even when the output is not a terminal.
+        #[arg(long)]
+        table: bool,
     },
     /// Every event of one key, as a timeline (or JSON, or an SVG picture).
     History {

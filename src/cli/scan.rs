@@ -3,15 +3,21 @@
 //! history — for a pre-commit hook or a CI step (exit 1 when any is found).
 //!
 //! It prints where each key is and its last five characters, never the key: the output
-//! of a scanner ends up in CI logs. The scan is a byte search for `_v1_`
+//! of a scanner ends up in CI logs. With `--report` it submits the keys it found to a
+//! running keyledger's `POST /v1/leaks` (reporter token), which revokes the live ones and
+//! tells their contacts; the keys are held in memory for that, never written. The scan is a byte search for `_v1_`
 //! ([`crate::domain::api_key::key_shaped`], the same test the audit applies to every
 //! event), so it reads plain text at the speed of memory.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::Context;
+
+use keyledger_events::LeakResult;
+use zeroize::Zeroizing;
 
 use crate::domain::api_key::key_shaped;
 
@@ -46,13 +52,61 @@ pub fn scan_bytes(file: &str, bytes: &[u8]) -> Vec<Finding> {
     found
 }
 
+/// What a scan has found so far.
+#[derive(Default)]
+pub struct Scan {
+    pub found: Vec<Finding>,
+    pub bytes_read: u64,
+    /// The keys themselves, by digest — only when they are to be reported.
+    keys: Option<HashMap<[u8; 32], Zeroizing<String>>>,
+}
+
+impl Scan {
+    /// A scan that keeps each distinct key (in memory) for `--report`.
+    pub fn keeping_keys() -> Self {
+        Self {
+            keys: Some(HashMap::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Scans `bytes` of `file`; with `line`, every finding is on that line (a diff line).
+    fn add(&mut self, file: &str, bytes: &[u8], line: Option<usize>) {
+        for mut f in scan_bytes(file, bytes) {
+            if let Some(l) = line {
+                f.line = l;
+            }
+            self.found.push(f);
+        }
+        if let Some(keys) = &mut self.keys {
+            for range in key_shaped(bytes) {
+                let key = &bytes[range];
+                keys.entry(*blake3::hash(key).as_bytes())
+                    .or_insert_with(|| Zeroizing::new(String::from_utf8_lossy(key).into_owned()));
+            }
+        }
+    }
+
+    /// Each distinct key with where it was first found (`file:line`).
+    fn keys_with_places(&self) -> Vec<(&str, String)> {
+        let Some(keys) = &self.keys else {
+            return vec![];
+        };
+        let mut seen = std::collections::HashSet::new();
+        self.found
+            .iter()
+            .filter(|f| seen.insert(f.digest))
+            .filter_map(|f| {
+                let key = keys.get(&f.digest)?;
+                Some((key.as_str(), format!("{}:{}", f.file, f.line)))
+            })
+            .collect()
+    }
+}
+
 /// The keys in the files under `path` (a file or a folder; `.git` folders and symbolic
 /// links are not followed).
-pub fn scan_path(
-    path: &Path,
-    found: &mut Vec<Finding>,
-    bytes_read: &mut u64,
-) -> anyhow::Result<()> {
+pub fn scan_path(path: &Path, scan: &mut Scan) -> anyhow::Result<()> {
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     if meta.is_dir() {
@@ -63,20 +117,20 @@ pub fn scan_path(
             .collect();
         entries.sort();
         for entry in entries {
-            scan_path(&entry, found, bytes_read)?;
+            scan_path(&entry, scan)?;
         }
     } else if meta.is_file() {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        *bytes_read += bytes.len() as u64;
-        found.extend(scan_bytes(&path.display().to_string(), &bytes));
+        scan.bytes_read += bytes.len() as u64;
+        scan.add(&path.display().to_string(), &bytes, None);
     }
     Ok(())
 }
 
 /// The keys added by any commit of the repository at `repo` (every branch): `git log -p`
 /// read line by line, each added line scanned where the hunk header puts it.
-pub fn scan_history(repo: &Path, found: &mut Vec<Finding>) -> anyhow::Result<()> {
+pub fn scan_history(repo: &Path, scan: &mut Scan) -> anyhow::Result<()> {
     let mut child = Command::new("git")
         .arg("-C")
         .arg(repo)
@@ -109,10 +163,7 @@ pub fn scan_history(repo: &Path, found: &mut Vec<Finding>) -> anyhow::Result<()>
                 .and_then(|s| s.trim_start_matches('+').split(',').next()?.parse().ok())
                 .unwrap_or(1);
         } else if let Some(added) = raw.strip_prefix(b"+") {
-            for mut f in scan_bytes(&format!("{commit}:{file}"), added) {
-                f.line = line;
-                found.push(f);
-            }
+            scan.add(&format!("{commit}:{file}"), added, Some(line));
             line += 1;
         } else if raw.starts_with(b" ") {
             line += 1;
@@ -129,30 +180,54 @@ pub fn scan_history(repo: &Path, found: &mut Vec<Finding>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Where `--report` sends what was found.
+pub struct ReportTo {
+    pub client: super::ClientArgs,
+    /// Said before each key's place in the report's `source`.
+    pub source: String,
+}
+
 /// Runs `keyledger scan`; true when nothing was found.
-pub fn run(paths: &[PathBuf], git: bool, json: bool) -> anyhow::Result<bool> {
+pub async fn run(
+    paths: &[PathBuf],
+    git: bool,
+    json: bool,
+    report: Option<ReportTo>,
+) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
-    let mut found = Vec::new();
-    let mut bytes = 0u64;
+    let mut scan = if report.is_some() {
+        Scan::keeping_keys()
+    } else {
+        Scan::default()
+    };
     for path in paths {
-        scan_path(path, &mut found, &mut bytes)?;
+        scan_path(path, &mut scan)?;
         if git {
-            scan_history(path, &mut found)?;
+            scan_history(path, &mut scan)?;
         }
     }
+    let reported = match &report {
+        Some(to) => Some(submit(to, &scan).await?),
+        None => None,
+    };
+    let (found, bytes) = (&scan.found, scan.bytes_read);
     let distinct = found
         .iter()
         .map(|f| f.digest)
         .collect::<std::collections::HashSet<_>>()
         .len();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "keys": distinct, "found": found }))?
-        );
+        let mut out = serde_json::json!({ "keys": distinct, "found": found });
+        if let Some(r) = &reported {
+            out["reported"] = serde_json::to_value(r)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for f in &found {
+        for f in found {
             println!("{}:{}: a key ending …{}", f.file, f.line, f.last_five);
+        }
+        for r in reported.iter().flatten() {
+            eprintln!("reported …{}: {}", r.last_five, r.result.as_str());
         }
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
@@ -166,6 +241,31 @@ pub fn run(paths: &[PathBuf], git: bool, json: bool) -> anyhow::Result<bool> {
         );
     }
     Ok(found.is_empty())
+}
+
+/// Sends each distinct key to `POST /v1/leaks` with where it was found (up to 100 keys
+/// a request, one request per source text). The answers, one per key.
+async fn submit(to: &ReportTo, scan: &Scan) -> anyhow::Result<Vec<LeakResult>> {
+    let client = super::client::Client::new(&to.client)?;
+    let mut results = Vec::new();
+    for (key, place) in scan.keys_with_places() {
+        let source = format!("{} {place}", to.source).trim().to_owned();
+        let body =
+            serde_json::json!({"keys": [key], "source": source, "reporter": "keyledger scan"});
+        let (status, answer) = client
+            .call_with_id(reqwest::Method::POST, "/v1/leaks", Some(body), None)
+            .await?;
+        if !status.is_success() {
+            let message = answer["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            anyhow::bail!("the leak report was refused: {message} ({status})");
+        }
+        let mut answered: Vec<LeakResult> =
+            serde_json::from_value(answer["results"].clone()).context("an unexpected answer")?;
+        results.append(&mut answered);
+    }
+    Ok(results)
 }
 
 #[cfg(test)]

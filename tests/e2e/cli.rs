@@ -318,6 +318,27 @@ async fn scan_finds_keys_in_files_and_history_and_never_prints_one() {
     // Two in the files, and all three in the history (the first commit added every file).
     assert_eq!(found["found"].as_array().map(Vec::len), Some(5), "{json}");
 
+    // --report: every key found goes to POST /v1/leaks; the live ones are revoked.
+    // (Async: the app answers on this test's runtime.)
+    let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
+        .args(["scan", "--git", "--report", "--source", "repo scan:"])
+        .args(["--server", &app.url("")])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .arg(root)
+        .output()
+        .await
+        .expect("runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches(": revoked").count(), 3, "{stderr}");
+    for key in &keys {
+        assert!(!stdout.contains(key.as_str()) && !stderr.contains(key.as_str()));
+        assert_eq!(app.verify(key, None).await["code"], "revoked");
+    }
+
     // A clean folder: exit 0.
     let clean = tempfile::tempdir().expect("dir");
     std::fs::write(clean.path().join("a.txt"), "no keys\n").expect("write");
@@ -327,4 +348,61 @@ async fn scan_finds_keys_in_files_and_history_and_never_prints_one() {
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_cli_lists_keys_as_a_table_with_the_ones_expiring_soon_in_colour() {
+    let app = TestApp::spawn(Backing::postgres().await).await;
+    let (status, body) = app
+        .generate("tbl-acc", "prod", &["ops@agency.gov.sg"])
+        .await;
+    assert!(status.is_success(), "{body}");
+    let key = body["api_key"].as_str().expect("key").to_owned();
+    let old_id = body["key_id"].as_str().expect("id").to_owned();
+    // A rotation cuts the old key to a day's grace: it expires within 28 days.
+    let (status, body) = app
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/tbl-acc/keys/{old_id}/rotate"),
+            Some(serde_json::json!({"label": "prod-2", "grace_seconds": 86400})),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    assert_eq!(
+        app.verify(&key, None).await["valid"],
+        serde_json::json!(true)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_keyledger"))
+        .args(["keys", "--server", &app.url("")])
+        .args(["list", "--account", "tbl-acc", "--table"])
+        .env("KEYLEDGER_API_TOKEN", TOKEN)
+        .env("CLICOLOR_FORCE", "1")
+        .output()
+        .await
+        .expect("runs");
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("LABEL"), "{table}");
+    let old = lines
+        .iter()
+        .find(|l| l.contains("prod "))
+        .expect("old key row");
+    assert!(old.starts_with("\x1b[31m"), "a day left: red: {old:?}");
+    assert!(old.contains(&format!("…{}", &key[key.len() - 5..])));
+    assert!(
+        old.contains("expires in 23 hours") || old.contains("expires in 1 day"),
+        "{old}"
+    );
+    let new = lines
+        .iter()
+        .find(|l| l.contains("prod-2"))
+        .expect("new key row");
+    assert!(!new.contains('\x1b') && new.contains("never"), "{new:?}");
+    // Piped without --table: the JSON scripts read, as before.
+    let (ok, listing, err) = keyledger(&app, &["list", "--account", "tbl-acc"], None).await;
+    assert!(ok, "{err}");
+    assert_eq!(listing["keys"].as_array().map(Vec::len), Some(2));
 }
