@@ -262,12 +262,17 @@ impl Application {
                 handler.clone(),
                 stopped.clone(),
             )));
-            let usage = crate::read_side::usage::UsageFlusher {
-                read_side: read_side.clone(),
-                store: store.clone(),
-                every: settings.usage_flush,
-            };
-            tasks.push(tokio::spawn(usage.run(stopped.clone())));
+            match settings.usage_flush {
+                Some(every) => {
+                    let usage = crate::read_side::usage::UsageFlusher {
+                        read_side: read_side.clone(),
+                        store: store.clone(),
+                        every,
+                    };
+                    tasks.push(tokio::spawn(usage.run(stopped.clone())));
+                }
+                None => read_side.set_usage_tracking(false),
+            }
         }
         let saga = Arc::new(Saga::new(store.clone(), settings.reminders.stages.clone()));
         if roles.saga {

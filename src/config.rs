@@ -70,8 +70,10 @@ pub struct Settings {
     pub roles: Roles,
     /// Reminders, expiry and notifications.
     pub reminders: ReminderSettings,
-    /// How often the verifications counted in memory are added to the usage table.
-    pub usage_flush: Duration,
+    /// How often the verifications counted in memory are added to the usage table; None:
+    /// usage is not counted at all (`KEYLEDGER_USAGE_FLUSH_SECONDS=0`, for measuring what
+    /// counting costs).
+    pub usage_flush: Option<Duration>,
 }
 
 /// The reminder saga's and the notifier's settings.
@@ -224,8 +226,8 @@ pub struct Inputs {
     pub bus: Option<BusConfig>,
     pub roles: Roles,
     pub reminders: ReminderSettings,
-    /// Zero means the default (5 s).
-    pub usage_flush: Duration,
+    /// None means the default (5 s); zero turns usage counting off.
+    pub usage_flush: Option<Duration>,
 }
 
 /// Where the embedded mode keeps its files.
@@ -359,10 +361,10 @@ impl Settings {
             bus: inputs.bus,
             roles: inputs.roles,
             reminders: inputs.reminders,
-            usage_flush: if inputs.usage_flush.is_zero() {
-                DEFAULT_USAGE_FLUSH
-            } else {
-                inputs.usage_flush
+            usage_flush: match inputs.usage_flush {
+                None => Some(DEFAULT_USAGE_FLUSH),
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
             },
         };
         Ok((settings, token_path))

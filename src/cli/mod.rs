@@ -200,7 +200,8 @@ pub struct ServeArgs {
         default_value_t = 4.0
     )]
     pub legacy_checks_per_second: f64,
-    /// How often each instance adds the verifications it counted to the usage table.
+    /// How often each instance adds the verifications it counted to the usage table
+    /// (0: usage is not counted; only to measure what counting costs).
     #[arg(long, env = "KEYLEDGER_USAGE_FLUSH_SECONDS", default_value_t = 5.0)]
     pub usage_flush_seconds: f64,
     /// Fixed expiry of migrated legacy keys (RFC 3339).
@@ -360,9 +361,11 @@ impl ServeArgs {
             max_db_connections: self.db_connections,
             legacy_salt: self.legacy_salt.clone(),
             legacy_checks_per_second: self.legacy_checks_per_second,
-            usage_flush: std::time::Duration::from_secs_f64(
-                self.usage_flush_seconds.clamp(0.05, 3600.0),
-            ),
+            usage_flush: Some(if self.usage_flush_seconds <= 0.0 {
+                std::time::Duration::ZERO
+            } else {
+                std::time::Duration::from_secs_f64(self.usage_flush_seconds.clamp(0.05, 3600.0))
+            }),
             bus: self
                 .kafka_brokers
                 .as_ref()

@@ -148,7 +148,7 @@ pub fn settings_with(
         bus,
         roles,
         reminders: Default::default(),
-        usage_flush: std::time::Duration::ZERO,
+        usage_flush: None,
     };
     Settings::resolve(inputs).expect("valid settings").0
 }

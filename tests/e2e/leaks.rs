@@ -321,14 +321,14 @@ async fn usage_from_two_instances_is_summed_in_the_listing() {
     let bus = kafka::bus();
     let flush = Duration::from_millis(300);
     let mut sa = settings_with(&backing, Policy::default(), Some(bus.clone()), Roles::ALL);
-    sa.usage_flush = flush;
+    sa.usage_flush = Some(flush);
     let mut sb = settings_with(
         &backing,
         Policy::default(),
         Some(bus),
         Roles::parse("http").expect("roles"),
     );
-    sb.usage_flush = flush;
+    sb.usage_flush = Some(flush);
     let a = TestApp::spawn_settings(backing.clone(), sa).await;
     let b = TestApp::spawn_settings(backing, sb).await;
 

@@ -155,9 +155,30 @@ async fn scenario(backing: Backing) -> (Vec<String>, TestApp) {
     assert_eq!(app.list("nobody").await, json!({"keys": []}));
 
     // Restart: the same listing, the same verification answers.
-    let before = listing.clone();
+    // (Usage aside: what was counted before is flushed on the way out, so it shows after.)
+    let without_usage = |mut l: Value| {
+        for k in l["keys"].as_array_mut().into_iter().flatten() {
+            let row = k.as_object_mut().expect("row");
+            row.remove("last_used_at");
+            row.remove("verifications_30d");
+        }
+        l
+    };
+    let before = without_usage(listing.clone());
     let app = app.restart().await;
-    assert_eq!(app.list(acc).await, before, "listing survives a restart");
+    let after = app.list(acc).await;
+    assert_eq!(
+        without_usage(after.clone()),
+        before,
+        "listing survives a restart"
+    );
+    for k in after["keys"].as_array().expect("keys") {
+        assert!(
+            k["verifications_30d"].as_i64() > Some(0),
+            "counted before the restart: {k}"
+        );
+        assert!(k["last_used_at"].is_string(), "{k}");
+    }
     assert_eq!(app.verify(&prod_key, None).await["valid"], json!(true));
     assert_eq!(
         app.verify(&new_key, None).await["key_id"],

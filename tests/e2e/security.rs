@@ -731,7 +731,7 @@ async fn a_lost_pepper_is_never_silently_replaced() {
         bus: None,
         roles: Roles::ALL,
         reminders: Default::default(),
-        usage_flush: Duration::ZERO,
+        usage_flush: None,
     };
     let (settings, _) = keyledger::config::Settings::resolve(embedded(&dir)).expect("resolves");
     let app = TestApp::spawn_settings(backing.clone(), settings).await;

@@ -1,4 +1,5 @@
-//! Verify on an index of 1,000,000 keys (hit, miss, expired, malformed), and key minting.
+//! Verify on an index of 1,000,000 keys (hit, miss, expired, malformed), and key minting;
+//! a valid key with and without usage counted (`*_usage_off` / `*_usage_on`).
 //!
 //! Run: `cargo bench --bench verify`. Set KEYLEDGER_BENCH_KEYS to change the index size.
 //! Memory per key is printed before the timings: the index's own accounting of its heap
@@ -136,6 +137,28 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // What counting usage costs: the same two cases with it off (the figures above have
+    // it on, as the service runs), then on again, so a drift falls on both.
+    for (name, pool, on) in [
+        ("hit_hot_borrowed_usage_off", hot, false),
+        ("hit_hot_borrowed_usage_on", hot, true),
+        ("hit_cold_borrowed_usage_off", cold, false),
+        ("hit_cold_borrowed_usage_on", cold, true),
+    ] {
+        f.read_side.set_usage_tracking(on);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % pool.len();
+                black_box(
+                    f.read_side
+                        .verify_with(black_box(&pool[i]), None, f.now, |v| {
+                            v.map(|v| v.key.key_id())
+                        }),
+                )
+            })
+        });
+    }
+    f.read_side.set_usage_tracking(true);
     for (name, pool) in [("hit_hot_owned", hot), ("hit_cold_owned", cold)] {
         g.bench_function(name, |b| {
             b.iter(|| {

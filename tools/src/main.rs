@@ -75,6 +75,24 @@ enum BenchWhat {
         #[arg(long)]
         legacy_flood: bool,
     },
+    /// Verification over HTTP with usage counted (`--server`) next to an instance alike
+    /// but with KEYLEDGER_USAGE_FLUSH_SECONDS=0 (`--without`), wrk alternating between them.
+    Usage {
+        #[command(flatten)]
+        target: ServerArgs,
+        /// The instance that does not count usage.
+        #[arg(long)]
+        without: String,
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Measurements of each, alternately.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The listing as of an instant, and a key's history, on an account of `--events`
     /// events, next to the plain listing.
     History {
@@ -246,6 +264,28 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             seconds: seconds.max(1),
             legacy_flood,
         })
+        .await
+        .map(|_| ()),
+        BenchWhat::Usage {
+            target: ServerArgs { server, token },
+            without,
+            keys,
+            connections,
+            seconds,
+            rounds,
+        } => bench::http::usage(
+            bench::http::HttpSettings {
+                url: server.trim_end_matches('/').to_owned(),
+                generator: bench::http::Generator::Wrk,
+                token,
+                keys: keys.max(1),
+                connections: connections.max(1),
+                seconds: seconds.max(1),
+                legacy_flood: false,
+            },
+            without,
+            rounds,
+        )
         .await
         .map(|_| ()),
         BenchWhat::History {

@@ -458,3 +458,96 @@ fn parse_wrk_value(v: &str) -> Option<f64> {
     }
     v.parse().ok()
 }
+
+/// Verification over HTTP with usage counted next to the same without: `s.url` counts
+/// usage, `without` is an instance alike but for `KEYLEDGER_USAGE_FLUSH_SECONDS=0`. The
+/// keys are generated on the first (the second learns them from the log); then wrk
+/// measures the valid keys in turn on each, alternately, `rounds` times, so a drift of the
+/// machine falls on both. Prints the medians and their ratio.
+pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::Result<f64> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    eprintln!("generating {} keys through the API…", s.keys);
+    let keys = generate_keys(&client, &s).await?;
+    let last = keys.last().context("no keys")?.clone();
+    let without = without.trim_end_matches('/').to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer: Value = client
+            .post(format!("{without}/v1/verify"))
+            .bearer_auth(&s.token)
+            .json(&serde_json::json!({ "api_key": last }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if answer["valid"] == Value::Bool(true) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{without} does not know the keys after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let off = HttpSettings {
+        url: without,
+        generator: s.generator,
+        token: s.token.clone(),
+        keys: s.keys,
+        connections: s.connections,
+        seconds: s.seconds,
+        legacy_flood: false,
+    };
+    let (mut on_rates, mut off_rates) = (Vec::new(), Vec::new());
+    let (mut on_p99, mut off_p99) = (Vec::new(), Vec::new());
+    for round in 1..=rounds.max(1) {
+        for (settings, rates, p99, name) in [
+            (&s, &mut on_rates, &mut on_p99, "usage on"),
+            (&off, &mut off_rates, &mut off_p99, "usage off"),
+        ] {
+            eprintln!(
+                "round {round}: {name}, {} connections for {} s…",
+                s.connections, s.seconds
+            );
+            let p = wrk(settings, &keys, Target::Verify { from: false }, name).await?;
+            rates.push(p.rate);
+            p99.push(p.p99_ms);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let ratio = median(&on_rates) / median(&off_rates);
+    println!(
+        "| POST /v1/verify, {} keys in turn, wrk {} connections, {} s × {} rounds each | median requests/s | p99 (median) | per round |",
+        keys.len(),
+        s.connections,
+        s.seconds,
+        on_rates.len()
+    );
+    println!("| --- | --- | --- | --- |");
+    let rounds_text = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| usage counted (flushed every 5 s) | {:.0} | {:.2} ms | {} |",
+        median(&on_rates),
+        median(&on_p99),
+        rounds_text(&on_rates)
+    );
+    println!(
+        "| usage off (`KEYLEDGER_USAGE_FLUSH_SECONDS=0`) | {:.0} | {:.2} ms | {} |",
+        median(&off_rates),
+        median(&off_p99),
+        rounds_text(&off_rates)
+    );
+    println!();
+    println!("With usage counted: **{ratio:.2}×** the rate without (target ≥ 0.95×).");
+    Ok(ratio)
+}
