@@ -60,11 +60,13 @@ struct Entry {
     label_start: u32,
     label_len: u16,
     status: u8,
-    /// Successful verifications since the usage was last drained (in memory only).
+    /// Successful verifications since the usage was last drained (in memory only). In the
+    /// padding the other fields leave (51 bytes → 56 either way): counting costs no memory.
     uses: AtomicU32,
-    /// Unix seconds of the last successful verification (0: none since start).
-    last_used_s: AtomicU32,
 }
+
+// The usage counter lives in padding: an entry is still 56 bytes.
+const _: () = assert!(std::mem::size_of::<Entry>() == 56);
 
 struct Account {
     id: Box<str>,
@@ -124,17 +126,12 @@ impl<'a> Verified<'a> {
         self.index.first_use.get(&self.key_id()).copied()
     }
 
-    /// Counts a successful verification at `now_s` (Unix seconds) for the usage table: two
-    /// relaxed atomic operations on the entry's own cache line, under the read lock every
-    /// verify already holds. The last-used time is written only when the second changed,
-    /// so a busy key's line is not bounced between cores on every call.
+    /// Counts a successful verification for the usage table: one relaxed atomic add on
+    /// the entry the lookup has just read, under the read lock every verify already holds.
+    /// (When is the drain's business: a key counted since the last drain was used since.)
     #[inline]
-    pub fn note_use(&self, now_s: u32) {
-        let e = self.entry();
-        e.uses.fetch_add(1, Ordering::Relaxed);
-        if e.last_used_s.load(Ordering::Relaxed) != now_s {
-            e.last_used_s.store(now_s, Ordering::Relaxed);
-        }
+    pub fn note_use(&self) {
+        self.entry().uses.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn label(&self) -> &'a str {
@@ -181,8 +178,6 @@ pub struct Usage {
     pub account_id: String,
     pub key_id: Uuid,
     pub verifications: u32,
-    /// Unix seconds of the last one.
-    pub last_used_s: u32,
 }
 
 /// Sizes, for measuring memory per key.
@@ -365,7 +360,6 @@ impl VerificationIndex {
             label_len: label.len() as u16,
             status: ACTIVE,
             uses: AtomicU32::new(0),
-            last_used_s: AtomicU32::new(0),
         });
         self.accounts[account as usize].entries.push(slot);
         slot
@@ -481,7 +475,6 @@ impl VerificationIndex {
                 account_id: self.accounts[e.account as usize].id.to_string(),
                 key_id: e.key_id,
                 verifications: uses,
-                last_used_s: e.last_used_s.load(Ordering::Relaxed),
             });
         }
         (out, (end < self.entries.len()).then_some(end))
@@ -497,7 +490,6 @@ impl VerificationIndex {
         for e in &self.entries {
             if let Some(u) = by_key.remove(&e.key_id) {
                 e.uses.fetch_add(u.verifications, Ordering::Relaxed);
-                e.last_used_s.fetch_max(u.last_used_s, Ordering::Relaxed);
                 if by_key.is_empty() {
                     return;
                 }
@@ -690,7 +682,6 @@ impl VerificationIndex {
                 label_len: i.u16()?,
                 status: i.u8()?,
                 uses: AtomicU32::new(0),
-                last_used_s: AtomicU32::new(0),
             });
         }
         ix.labels = i.str()?.to_owned();
@@ -969,5 +960,30 @@ mod tests {
         assert!(VerificationIndex::from_snapshot(&damaged).is_err());
         assert!(VerificationIndex::from_snapshot(&bytes[..bytes.len() - 1]).is_err());
         assert!(VerificationIndex::from_snapshot(b"not a snapshot at all, not at all").is_err());
+    }
+    #[test]
+    fn verifications_are_counted_drained_once_and_given_back() {
+        let mut ix = VerificationIndex::new();
+        let now = Utc::now();
+        let hash = [7u8; 32];
+        ix.apply(
+            "acc",
+            1,
+            &generated(Uuid::from_u128(1), &hash, now + chrono::Duration::days(1)),
+        );
+        let Lookup::Valid(v) = ix.lookup(&hash, now) else {
+            panic!("valid")
+        };
+        let key_id = v.key_id();
+        for _ in 0..3 {
+            v.note_use();
+        }
+        let (drained, next) = ix.drain_usage(0, 10);
+        assert_eq!(next, None);
+        assert_eq!(drained.len(), 1);
+        assert_eq!((drained[0].key_id, drained[0].verifications), (key_id, 3));
+        assert!(ix.drain_usage(0, 10).0.is_empty(), "drained once");
+        ix.restore_usage(&drained);
+        assert_eq!(ix.drain_usage(0, 10).0[0].verifications, 3, "given back");
     }
 }

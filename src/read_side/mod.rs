@@ -507,7 +507,7 @@ impl ReadSide {
         let verdict = match index.lookup(&hash, now) {
             Lookup::Valid(v) => {
                 if self.track_usage.load(Ordering::Relaxed) {
-                    v.note_use(now.timestamp().clamp(0, i64::from(u32::MAX)) as u32);
+                    v.note_use();
                 }
                 if v.retires().is_some() {
                     self.first_use.signal(v.account_id(), v.key_id());

@@ -1,6 +1,9 @@
 //! Usage: which keys are verified, how often, when last — counted by the verify path in
-//! the index's own entries (two relaxed atomic operations on a cache line the lookup has
-//! just read) and taken to the usage table every few seconds by [`UsageFlusher`].
+//! the index's own entries (one relaxed atomic add on the entry the lookup has just read)
+//! and taken to the usage table every few seconds by [`UsageFlusher`]. A key counted
+//! since the last flush was used since: its last use is recorded as the time of this
+//! flush, so `last_used_at` is exact to one flush interval (5 s by default) — the price
+//! of keeping the counter within the entry's padding and the hot path to one instruction.
 //!
 //! Each instance adds what it counted since its last flush, so the table holds the sum
 //! over instances. A flush that fails gives its counts back to the entries, to be added by
@@ -60,6 +63,7 @@ const FLUSH_LAG: &str = "keyledger_usage_flush_lag_seconds";
 impl UsageFlusher {
     /// Writes what was counted since the last flush (given back on failure).
     pub async fn flush(&self) -> Result<Flushed, StoreError> {
+        let now = Utc::now();
         let drained = self.read_side.drain_usage();
         let mut merged: HashMap<uuid::Uuid, Counted> = HashMap::with_capacity(drained.len());
         for u in &drained {
@@ -67,17 +71,16 @@ impl UsageFlusher {
                 key_id: u.key_id,
                 account_id: u.account_id.clone(),
                 verifications: 0,
-                last_used_s: 0,
+                last_used_s: now.timestamp(),
             });
             c.verifications += i64::from(u.verifications);
-            c.last_used_s = c.last_used_s.max(i64::from(u.last_used_s));
         }
         let counted: Vec<Counted> = merged.into_values().collect();
         let flushed = Flushed {
             keys: counted.len(),
             verifications: counted.iter().map(|c| c.verifications as u64).sum(),
         };
-        if let Err(e) = table::record(&self.store, &counted, table::day_of(Utc::now())).await {
+        if let Err(e) = table::record(&self.store, &counted, table::day_of(now)).await {
             self.read_side.restore_usage(&drained);
             return Err(e);
         }
