@@ -108,6 +108,43 @@ fn fixture(n: usize) -> Fixture {
     }
 }
 
+/// Usage counted and not, interleaved in short slices (this is a shared virtual machine:
+/// its speed drifts over seconds, which would fall on one side of two back-to-back
+/// criterion runs): the median time per verify of each side, in ns.
+fn usage_interleaved(f: &Fixture, pool: &[String]) -> (f64, f64) {
+    const SLICES: usize = 40;
+    const ITERS: usize = 50_000;
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let mut i = 0usize;
+    for slice in 0..SLICES * 2 {
+        // on, off, off, on, on, off, …: neither side always goes first.
+        let tracking = matches!(slice % 4, 0 | 3);
+        f.read_side.set_usage_tracking(tracking);
+        let started = Instant::now();
+        for _ in 0..ITERS {
+            i = (i + 1) % pool.len();
+            black_box(
+                f.read_side
+                    .verify_with(black_box(&pool[i]), None, f.now, |v| {
+                        v.map(|v| v.key.key_id())
+                    }),
+            );
+        }
+        let ns = started.elapsed().as_nanos() as f64 / ITERS as f64;
+        if tracking {
+            on.push(ns)
+        } else {
+            off.push(ns)
+        }
+    }
+    f.read_side.set_usage_tracking(true);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    (median(&mut on), median(&mut off))
+}
+
 fn bench(c: &mut Criterion) {
     let n = std::env::var("KEYLEDGER_BENCH_KEYS")
         .ok()
@@ -116,6 +153,14 @@ fn bench(c: &mut Criterion) {
     let f = fixture(n);
     assert!(f.read_side.verify(&f.hits[0], None, f.now).is_ok());
     assert!(f.read_side.verify(&f.expired[0], None, f.now).is_err());
+    for (name, pool) in [("hot", &f.hits[..1000]), ("cold", &f.hits[..])] {
+        let (on, off) = usage_interleaved(&f, pool);
+        eprintln!(
+            "usage, {name} key, interleaved (40 slices of 50,000 verifies each side): counted {on:.1} ns, \
+             not counted {off:.1} ns per verify: rate with usage {:.3}x the rate without",
+            off / on
+        );
+    }
     let mut g = c.benchmark_group(format!("verify_{n}_keys"));
     g.measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));

@@ -462,8 +462,8 @@ fn parse_wrk_value(v: &str) -> Option<f64> {
 /// Verification over HTTP with usage counted next to the same without: `s.url` counts
 /// usage, `without` is an instance alike but for `KEYLEDGER_USAGE_FLUSH_SECONDS=0`. The
 /// keys are generated on the first (the second learns them from the log); then wrk
-/// measures the valid keys in turn on each, alternately, `rounds` times, so a drift of the
-/// machine falls on both. Prints the medians and their ratio.
+/// measures the valid keys in turn on each, alternately (on-off, off-on, …), `rounds`
+/// times, so a drift of the machine falls on both. Prints the medians and their ratio.
 pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::Result<f64> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -502,15 +502,25 @@ pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::R
     let (mut on_rates, mut off_rates) = (Vec::new(), Vec::new());
     let (mut on_p99, mut off_p99) = (Vec::new(), Vec::new());
     for round in 1..=rounds.max(1) {
-        for (settings, rates, p99, name) in [
-            (&s, &mut on_rates, &mut on_p99, "usage on"),
-            (&off, &mut off_rates, &mut off_p99, "usage off"),
-        ] {
+        // on-off, then off-on, …: neither side always runs first.
+        let on_first = round % 2 == 1;
+        for turn in 0..2 {
+            let on = (turn == 0) == on_first;
+            let (settings, name) = if on {
+                (&s, "usage on")
+            } else {
+                (&off, "usage off")
+            };
             eprintln!(
                 "round {round}: {name}, {} connections for {} s…",
                 s.connections, s.seconds
             );
             let p = wrk(settings, &keys, Target::Verify { from: false }, name).await?;
+            let (rates, p99) = if on {
+                (&mut on_rates, &mut on_p99)
+            } else {
+                (&mut off_rates, &mut off_p99)
+            };
             rates.push(p.rate);
             p99.push(p.p99_ms);
         }
@@ -521,6 +531,11 @@ pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::R
         v[v.len() / 2]
     };
     let ratio = median(&on_rates) / median(&off_rates);
+    let pairs: Vec<f64> = on_rates
+        .iter()
+        .zip(&off_rates)
+        .map(|(a, b)| a / b)
+        .collect();
     println!(
         "| POST /v1/verify, {} keys in turn, wrk {} connections, {} s × {} rounds each | median requests/s | p99 (median) | per round |",
         keys.len(),
@@ -548,6 +563,14 @@ pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::R
         rounds_text(&off_rates)
     );
     println!();
-    println!("With usage counted: **{ratio:.2}×** the rate without (target ≥ 0.95×).");
+    println!(
+        "With usage counted: **{ratio:.2}×** the rate without (target ≥ 0.95×); round by round {} (median {:.2}×).",
+        pairs
+            .iter()
+            .map(|r| format!("{r:.2}×"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(&pairs)
+    );
     Ok(ratio)
 }
