@@ -6,9 +6,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use keyledger::config::{ReminderSettings, Roles};
+use keyledger::config::Roles;
 use keyledger::domain::Policy;
-use keyledger::notify::dispatch::Smtp;
 use keyledger::tokens::{self, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -17,27 +16,12 @@ use uuid::Uuid;
 use crate::bus::{first_result, read_until, wait_for};
 use crate::common::{settings_with, Backing, TestApp, LOGIN};
 use crate::kafka::{self, produce};
+use crate::reminders::fast_reminders;
 use crate::smtp::SmtpSink;
 
 /// How long "no more email arrives" is watched for (many notifier polls).
 const QUIET: Duration = Duration::from_millis(2500);
 const SOURCE: &str = "https://github.com/agency/notify-service/blob/main/.env";
-
-fn mailing(smtp: &SmtpSink) -> ReminderSettings {
-    ReminderSettings {
-        poll: Duration::from_millis(50),
-        smtp: Some(
-            Smtp::new(
-                &smtp.url(),
-                "Postman <donotreply@mail.postman.gov.sg>",
-                Duration::from_millis(100),
-                Duration::from_millis(800),
-            )
-            .expect("smtp settings"),
-        ),
-        ..ReminderSettings::default()
-    }
-}
 
 async fn new_key(app: &TestApp, account: &str, label: &str, contacts: &[&str]) -> (String, String) {
     let (status, body) = app.generate(account, label, contacts).await;
@@ -80,7 +64,7 @@ async fn a_reported_key_is_revoked_everywhere_and_its_contacts_told_once() {
     let bus = kafka::bus();
     let mut settings = settings_with(&backing, Policy::default(), Some(bus.clone()), Roles::ALL);
     settings.tokens_file = Some(file.clone());
-    settings.reminders = mailing(&smtp);
+    settings.reminders = fast_reminders(&smtp);
     let a = TestApp::spawn_settings(backing.clone(), settings).await;
     let b = TestApp::spawn_bus(backing, bus.clone(), Roles::parse("http").expect("roles")).await;
 

@@ -39,7 +39,7 @@ fn days(n: i64) -> chrono::Duration {
     chrono::Duration::days(n)
 }
 
-fn fast_reminders(smtp: &SmtpSink) -> ReminderSettings {
+pub(crate) fn fast_reminders(smtp: &SmtpSink) -> ReminderSettings {
     ReminderSettings {
         tick: Duration::from_millis(50),
         poll: Duration::from_millis(50),
