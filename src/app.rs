@@ -194,9 +194,14 @@ impl Application {
             signer.clone(),
             read_side.clone(),
         ));
+        let legacy = Arc::new(crate::read_side::legacy::LegacyGate::new(
+            settings.legacy_checks_per_second,
+        ));
         let leaks = Arc::new(crate::leaks::LeakDesk::new(
             handler.clone(),
             read_side.clone(),
+            store.clone(),
+            legacy.clone(),
             settings.clock.clone(),
         ));
         tasks.push(tokio::spawn(tokens.clone().watch(stopped.clone())));
@@ -264,17 +269,20 @@ impl Application {
             )));
             match settings.usage_flush {
                 Some(every) => {
-                    let usage = crate::read_side::usage::UsageFlusher {
-                        read_side: read_side.clone(),
-                        store: store.clone(),
+                    let usage = crate::read_side::usage::UsageFlusher::new(
+                        read_side.clone(),
+                        store.clone(),
                         every,
-                    };
+                    );
                     tasks.push(tokio::spawn(usage.run(stopped.clone())));
                 }
                 None => read_side.set_usage_tracking(false),
             }
         }
-        let saga = Arc::new(Saga::new(store.clone(), settings.reminders.stages.clone()));
+        let saga = Arc::new(
+            Saga::new(store.clone(), settings.reminders.stages.clone())
+                .with_usage(settings.usage_flush.is_some()),
+        );
         if roles.saga {
             tasks.push(feed(saga.clone(), SAGA));
             let firing = Firing {
@@ -318,7 +326,7 @@ impl Application {
             clock: settings.clock.clone(),
             tokens,
             log_keys: log_keys.clone(),
-            legacy: crate::read_side::legacy::LegacyGate::new(settings.legacy_checks_per_second),
+            legacy,
             leaks,
         });
         let listener = if roles.http {

@@ -3,7 +3,9 @@
 //! (`POST /v1/leaks`) or the bus (ReportLeak).
 //!
 //! Each string is identified against the verification index (no verify: no usage counted,
-//! no first use signalled). A key keyledger holds gets keyledger's own RevokeLeakedKey,
+//! no first use signalled) — a migrated legacy key through the legacy gate, and what this
+//! instance's memory does not hold (no in-memory index on a commands-only instance, or
+//! one not caught up yet) through the persisted index. A key keyledger holds gets keyledger's own RevokeLeakedKey,
 //! decided by its account's keyring like any command, whose KeyRevoked (`cause = leaked`,
 //! with the source) the notifier turns into one email per contact. The answer says per key
 //! `revoked`, `already_inactive`, `unknown` or `malformed` and names no account, label or
@@ -12,17 +14,22 @@
 //! Each key's command id is derived from the report's id and the key's id: a bus report
 //! redelivered gets its original answers, and two reports of one key revoke it once.
 //! A report's free text (source, reporter) is kept in the event and the email, with any
-//! key-shaped string in it reduced to its last five.
+//! key-shaped string in it reduced to its last five (and what follows a `_v1_` that is
+//! not a whole key — percent-encoded, escaped, cut — removed). The event's actor is the
+//! caller (the token's name, `bus:<issued_by>`); the reporter's own words are a field of
+//! the event.
 
 use std::sync::Arc;
 
 use keyledger_events::{Command, LeakOutcome, LeakResult};
 use uuid::Uuid;
 
-use crate::domain::api_key::redact_keys;
+use crate::domain::api_key::{redact_keys, to_hex};
 use crate::domain::{AccountId, Clock};
 use crate::handler::{CommandHandler, HandleError, Request, Status};
-use crate::read_side::{Identified, ReadSide};
+use crate::read_side::legacy::LegacyGate;
+use crate::read_side::{index, Identified, ReadSide};
+use crate::store::Store;
 
 /// The most keys one report may hold.
 pub const MAX_KEYS: usize = 100;
@@ -43,8 +50,8 @@ pub enum LeakError {
     Unavailable(String),
 }
 
-/// A leak report, checked.
-#[derive(Debug, Clone)]
+/// A leak report, checked. (Its `Debug` names no key.)
+#[derive(Clone)]
 pub struct Report {
     keys: Vec<String>,
     source: String,
@@ -73,6 +80,16 @@ impl Report {
     }
 }
 
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report")
+            .field("keys", &self.keys.len())
+            .field("source", &self.source)
+            .field("reporter", &self.reporter)
+            .finish()
+    }
+}
+
 /// Free text as kept: no keys, no control characters (it goes into an email's body).
 fn clean(text: &str) -> String {
     redact_keys(text)
@@ -90,6 +107,8 @@ fn last_five(raw: &str) -> String {
 pub struct LeakDesk {
     handler: Arc<CommandHandler>,
     read_side: Arc<ReadSide>,
+    store: Arc<Store>,
+    legacy: Arc<LegacyGate>,
     clock: Arc<dyn Clock>,
 }
 
@@ -97,11 +116,15 @@ impl LeakDesk {
     pub fn new(
         handler: Arc<CommandHandler>,
         read_side: Arc<ReadSide>,
+        store: Arc<Store>,
+        legacy: Arc<LegacyGate>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             handler,
             read_side,
+            store,
+            legacy,
             clock,
         }
     }
@@ -154,7 +177,7 @@ impl LeakDesk {
             Identified::Known {
                 account_id, key_id, ..
             } => (account_id, key_id),
-            Identified::Unknown => match self.live_legacy_key(raw).await {
+            Identified::Unknown => match self.not_in_memory(raw, now).await? {
                 Some(found) => found,
                 None => return Ok((LeakOutcome::Unknown, false)),
             },
@@ -168,14 +191,11 @@ impl LeakDesk {
         let request = Request {
             account_id,
             command_id: Uuid::new_v5(&report_id, key_id.as_bytes()),
-            actor: if report.reporter.is_empty() {
-                actor.to_owned()
-            } else {
-                format!("{actor} (reporter: {})", report.reporter)
-            },
+            actor: actor.to_owned(),
             command: Command::RevokeLeakedKey {
                 key_id,
                 source: report.source.clone(),
+                reporter: report.reporter.clone(),
             },
             reply_key: None,
         };
@@ -190,19 +210,28 @@ impl LeakDesk {
         }
     }
 
-    /// A live migrated legacy key (Postman's bcrypt scheme, tens of milliseconds on a
-    /// blocking thread; only when its username has one).
-    async fn live_legacy_key(&self, raw: &str) -> Option<(String, Uuid)> {
-        let now = self.clock.now();
-        if !self.read_side.legacy_enabled() || !self.read_side.has_live_legacy_candidate(raw, now) {
-            return None;
+    /// A key the in-memory index does not know: a migrated legacy key (Postman's bcrypt
+    /// scheme, through the legacy gate), or — on an instance that keeps no in-memory index
+    /// (the commands role alone) or has not caught up yet — a key of the persisted index.
+    async fn not_in_memory(
+        &self,
+        raw: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<(String, Uuid)>, LeakError> {
+        if self.read_side.legacy_enabled() {
+            let found = self
+                .legacy
+                .identify(self.read_side.clone(), raw.to_owned(), now)
+                .await;
+            if found.is_some() {
+                return Ok(found);
+            }
         }
-        let read_side = self.read_side.clone();
-        let raw = raw.to_owned();
-        let found = tokio::task::spawn_blocking(move || read_side.verify_legacy(&raw, None, now))
+        let Some(hash) = self.read_side.keyed_hash(raw) else {
+            return Ok(None);
+        };
+        index::find_by_hash(&self.store, &to_hex(&hash))
             .await
-            .ok()?
-            .ok()?;
-        Some((found.account_id, found.key_id))
+            .map_err(|e| LeakError::Unavailable(e.to_string()))
     }
 }

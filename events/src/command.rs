@@ -81,13 +81,19 @@ pub enum Command {
     RetireRotatedKey { new_key_id: Uuid },
     /// keyledger's own, for each live key of a leak report: revoke it (`cause = leaked`)
     /// and tell its contacts at once.
-    RevokeLeakedKey { key_id: Uuid, source: String },
+    RevokeLeakedKey {
+        key_id: Uuid,
+        source: String,
+        /// Who reported it (free text of the report).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reporter: String,
+    },
     /// Report keys found where they should not be (at most 100): each live key is revoked
     /// and its contacts told. Not a command of one keyring: the envelope's `account_id` is
     /// not used (any valid id, e.g. the reporter's). Its result lists, in order, what
     /// became of each key, by its last five characters only.
     ReportLeak {
-        keys: Vec<String>,
+        keys: LeakedKeys,
         /// Where the keys were found (a URL, a file, a ticket).
         source: String,
         /// Who reports (free text).
@@ -101,6 +107,27 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         created_at: Option<DateTime<Utc>>,
     },
+}
+
+/// The keys of a leak report, as sent. Its `Debug` shows how many and their last five
+/// characters only: a command may be logged, a key never.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct LeakedKeys(pub Vec<String>);
+
+impl std::fmt::Debug for LeakedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ends: Vec<String> = self
+            .0
+            .iter()
+            .map(|k| {
+                let chars: Vec<char> = k.chars().collect();
+                let tail: String = chars[chars.len().saturating_sub(5)..].iter().collect();
+                format!("…{tail}")
+            })
+            .collect();
+        f.debug_tuple("LeakedKeys").field(&ends).finish()
+    }
 }
 
 /// The name of a command's type, for metrics, logs and metadata.

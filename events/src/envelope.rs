@@ -353,10 +353,7 @@ mod tests {
             revoked_at: DateTime::<Utc>::UNIX_EPOCH,
             cause: None,
             source: None,
-            recipients: vec![],
-            label: String::new(),
-            last_five: String::new(),
-            login_email: String::new(),
+            ..Default::default()
         })
     }
 

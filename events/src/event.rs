@@ -57,6 +57,9 @@ pub struct KeyRevoked {
     /// Where a leaked key was found (with `cause = leaked`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Who reported a leaked key, as the report said (free text).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reporter: String,
     /// For a leaked key, who is told at once: its contacts, or the login email when it has
     /// none (empty for other revocations, which tell no one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -305,10 +308,7 @@ mod tests {
             revoked_at: now,
             cause: None,
             source: None,
-            recipients: vec![],
-            label: String::new(),
-            last_five: String::new(),
-            login_email: String::new(),
+            ..Default::default()
         });
         let p = e.payload();
         assert_eq!(p["key_id"], serde_json::json!(id.to_string()));

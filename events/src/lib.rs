@@ -20,7 +20,7 @@ mod event;
 pub mod schema;
 pub mod signature;
 
-pub use command::{Command, CommandEnvelope, CommandType};
+pub use command::{Command, CommandEnvelope, CommandType, LeakedKeys};
 pub use envelope::{
     decode_event, CommandResult, CommandStatus, DeadLetter, DecodeError, DecodedEvent, ErrorBody,
     EventEnvelope, LeakOutcome, LeakResult, Notification, NotificationStage, StageWord, Unsigned,

@@ -1,7 +1,9 @@
 //! A presented key (the body of every verify): parses or is malformed, never panics; what
-//! parses is exactly its parts.
+//! parses is exactly its parts. And any text redacted (error messages, dead letters, a
+//! leak report's source) keeps nothing shaped like a key, never panics.
 #![no_main]
 
+use keyledger::domain::api_key::{contains_key_shaped, redact_keys};
 use keyledger::domain::PresentedKey;
 use libfuzzer_sys::fuzz_target;
 
@@ -17,4 +19,6 @@ fuzz_target!(|data: &[u8]| {
             "a parsed key is exactly its parts"
         );
     }
+    let redacted = redact_keys(text);
+    assert!(!contains_key_shaped(redacted.as_bytes()), "a key survived redaction");
 });

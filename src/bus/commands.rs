@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::domain::api_key::{contains_key_shaped, redact_keys};
+use crate::domain::api_key::redact_keys;
 use crate::domain::seal;
 use crate::domain::AccountId;
 use crate::handler::{CommandHandler, HandleError, Request, Status};
@@ -162,11 +162,12 @@ fn rejected(envelope: &CommandEnvelope, code: &str, message: String) -> CommandR
 /// the dead letters are kept for 30 days.
 fn dead_letter<M: Message>(message: &M, reason: String) -> DeadLetter {
     let raw = message.payload().unwrap_or_default();
-    let raw = &raw[..raw.len().min(DEAD_LETTER_KEEP)];
-    let original = if contains_key_shaped(raw) {
-        STANDARD.encode(redact_keys(&String::from_utf8_lossy(raw)).as_bytes())
+    // Redacted whole, then cut: a cut through a key cannot leave most of it behind.
+    let original = if memchr::memmem::find(raw, b"_v1_").is_some() {
+        let text = redact_keys(&String::from_utf8_lossy(raw)).into_owned();
+        STANDARD.encode(&text.as_bytes()[..text.len().min(DEAD_LETTER_KEEP)])
     } else {
-        STANDARD.encode(raw)
+        STANDARD.encode(&raw[..raw.len().min(DEAD_LETTER_KEEP)])
     };
     DeadLetter {
         reason: redact_keys(&reason).into_owned(),
@@ -411,7 +412,7 @@ impl CommandConsumer {
             reporter,
         } = &request.command
         {
-            let report = match Report::parse(keys.clone(), source, reporter) {
+            let report = match Report::parse(keys.0.clone(), source, reporter) {
                 Ok(r) => r,
                 Err(e) => return reject("invalid_leak_report", e.to_string()),
             };

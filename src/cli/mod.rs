@@ -361,10 +361,12 @@ impl ServeArgs {
             max_db_connections: self.db_connections,
             legacy_salt: self.legacy_salt.clone(),
             legacy_checks_per_second: self.legacy_checks_per_second,
-            usage_flush: Some(if self.usage_flush_seconds <= 0.0 {
-                std::time::Duration::ZERO
-            } else {
-                std::time::Duration::from_secs_f64(self.usage_flush_seconds.clamp(0.05, 3600.0))
+            usage_flush: Some(match self.usage_flush_seconds {
+                s if !s.is_finite() || s < 0.0 => anyhow::bail!(
+                    "KEYLEDGER_USAGE_FLUSH_SECONDS must be 0 (usage not counted) or a number of seconds, not {s}"
+                ),
+                0.0 => std::time::Duration::ZERO,
+                s => std::time::Duration::from_secs_f64(s.clamp(0.05, 3600.0)),
             }),
             bus: self
                 .kafka_brokers

@@ -225,7 +225,12 @@ pub fn legacy_hash_username(legacy_hash: &str) -> Result<&str, LegacyHashError> 
 /// enough for every event and for scanning files; yields each match's byte range.
 pub fn key_shaped(bytes: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+    // A username may run back into the previous match's secret: matches never overlap.
+    let mut previous_end = 0;
     memchr::memmem::find_iter(bytes, b"_v1_").filter_map(move |at| {
+        if at < previous_end {
+            return None;
+        }
         let user = bytes[..at]
             .iter()
             .rev()
@@ -236,8 +241,12 @@ pub fn key_shaped(bytes: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> 
         let long_enough =
             secret.len() >= SECRET_CHARS && secret[..SECRET_CHARS].iter().all(|c| b64(*c));
         let ends_there = secret.get(SECRET_CHARS).is_none_or(|c| !b64(*c));
-        ((1..=64).contains(&user) && long_enough && ends_there)
-            .then(|| at - user..at + 4 + SECRET_CHARS)
+        let found = ((1..=64).contains(&user) && long_enough && ends_there)
+            .then(|| at - user.min(at - previous_end)..at + 4 + SECRET_CHARS);
+        if let Some(r) = &found {
+            previous_end = r.end;
+        }
+        found
     })
 }
 
@@ -250,22 +259,40 @@ pub fn contains_key_shaped(bytes: &[u8]) -> bool {
 /// for free text that is kept or shown (a leak report's source, a dead letter) and must not
 /// carry a key at rest.
 pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
-    let spans: Vec<_> = key_shaped(text.as_bytes()).collect();
-    if spans.is_empty() {
+    if memchr::memmem::find(text.as_bytes(), b"_v1_").is_none() {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for span in spans {
-        out.push_str(&text[at..span.start]);
-        // A key-shaped span is ASCII, so these are character boundaries.
+    for span in key_shaped(text.as_bytes()) {
+        // Spans are ASCII and never overlap, so these are character boundaries in order.
+        out.push_str(text.get(at..span.start).unwrap_or_default());
         out.push_str("[key …");
-        out.push_str(&text[span.end - 5..span.end]);
+        out.push_str(text.get(span.end - 5..span.end).unwrap_or_default());
         out.push(']');
         at = span.end;
     }
-    out.push_str(&text[at..]);
-    std::borrow::Cow::Owned(out)
+    out.push_str(text.get(at..).unwrap_or_default());
+    // What is left after a `_v1_` is not a whole key — cut off, percent-encoded, JSON-
+    // escaped — but may be most of one: its characters go too.
+    let mut clean = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("_v1_") {
+        clean.push_str(&rest[..i + 4]);
+        let tail = &rest[i + 4..];
+        let secretish = tail
+            .char_indices()
+            .take_while(|(_, c)| c.is_ascii_alphanumeric() || "+/%\\=".contains(*c))
+            .last()
+            .map(|(j, c)| j + c.len_utf8())
+            .unwrap_or(0);
+        if secretish > 0 {
+            clean.push('…');
+        }
+        rest = &tail[secretish..];
+    }
+    clean.push_str(rest);
+    std::borrow::Cow::Owned(clean)
 }
 
 #[cfg(test)]
@@ -283,6 +310,24 @@ mod tests {
             2
         );
         assert_eq!(redact_keys("nothing here"), "nothing here");
+        // Overlapping shapes (a username running into the previous secret): no panic.
+        let overlapping = format!("a_v1_{}_v1_{}", "A".repeat(44), "B".repeat(44));
+        let red = redact_keys(&overlapping);
+        assert!(
+            !red.contains(&"A".repeat(10)) && !red.contains(&"B".repeat(10)),
+            "{red}"
+        );
+        // Cut off, percent-encoded or JSON-escaped: still no secret left.
+        let encoded = k.replace('/', "%2F").replace('+', "%2B");
+        let escaped = k.replace('/', "\\/");
+        let cut = &k[..k.len() - 3];
+        for text in [encoded.as_str(), escaped.as_str(), cut] {
+            let red = redact_keys(text);
+            assert!(
+                !red.contains(&k[k.len() - 20..k.len() - 10]),
+                "{text} -> {red}"
+            );
+        }
     }
 
     #[test]

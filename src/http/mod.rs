@@ -42,7 +42,7 @@ pub struct Services {
     /// The public half of the key that signs the log.
     pub log_keys: keyledger_events::signature::LogKeys,
     /// The rationed slow path of migrated legacy keys.
-    pub legacy: crate::read_side::legacy::LegacyGate,
+    pub legacy: Arc<crate::read_side::legacy::LegacyGate>,
     pub saga: Arc<crate::reminders::saga::Saga>,
     /// Consumers that stopped because the log no longer holds what they must read.
     pub halts: crate::kafka::halt::Halts,

@@ -263,13 +263,14 @@ impl Keyring {
                     revoked_at: now,
                     cause: None,
                     source: None,
-                    recipients: vec![],
-                    label: String::new(),
-                    last_five: String::new(),
-                    login_email: String::new(),
+                    ..Default::default()
                 })])
             }
-            Command::RevokeLeakedKey { key_id, source } => {
+            Command::RevokeLeakedKey {
+                key_id,
+                source,
+                reporter,
+            } => {
                 let key = self.existing(*key_id)?;
                 if !key.is_live_at(now) {
                     // Expired already: it verifies nowhere, nothing to end and no one to alarm.
@@ -281,6 +282,7 @@ impl Keyring {
                     revoked_at: now,
                     cause: Some(RevokeCause::Leaked),
                     source: Some(source.clone()),
+                    reporter: reporter.clone(),
                     recipients: key.recipients(self.login_email()),
                     label: key.label.clone(),
                     last_five: key.last_five.clone(),
@@ -315,10 +317,7 @@ impl Keyring {
                     revoked_at: now,
                     cause: Some(RevokeCause::Rotated),
                     source: None,
-                    recipients: vec![],
-                    label: String::new(),
-                    last_five: String::new(),
-                    login_email: String::new(),
+                    ..Default::default()
                 })])
             }
             Command::RotateKey {

@@ -794,6 +794,7 @@ fn leaked(cmd: u128, key: u128) -> KeyringCommand {
         Command::RevokeLeakedKey {
             key_id: id(key),
             source: "https://example.test/repo/.env".into(),
+            reporter: "scanner".into(),
         },
     )
 }
@@ -811,6 +812,7 @@ async fn a_leaked_key_is_revoked_with_its_source_and_its_contacts_named() {
             revoked_at: now,
             cause: Some(keyledger_events::RevokeCause::Leaked),
             source: Some("https://example.test/repo/.env".into()),
+            reporter: "scanner".into(),
             recipients: vec!["ops@agency.gov.sg".into()],
             label: "prod".into(),
             last_five: material(10).last_five,

@@ -154,6 +154,23 @@ async fn change(c: &mut sqlx::PgConnection, account_id: &str, event: &E) -> Resu
     Ok(())
 }
 
+/// The (account, key id) whose keyed hash is `key_hash` (hex), from the persisted index,
+/// whatever its state — for a leak report on an instance without the in-memory index.
+/// None without PostgreSQL.
+pub async fn find_by_hash(
+    store: &Store,
+    key_hash: &str,
+) -> Result<Option<(String, Uuid)>, StoreError> {
+    let Some(pool) = store.pg_pool() else {
+        return Ok(None);
+    };
+    let row = sqlx::query("SELECT account_id, key_id FROM verification_index WHERE key_hash = $1")
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| (r.get("account_id"), r.get("key_id"))))
+}
+
 /// One row of the persisted index.
 pub struct IndexRow {
     pub account_id: String,

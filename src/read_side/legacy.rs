@@ -151,6 +151,45 @@ impl LegacyGate {
         outcome
     }
 
+    /// For a leak report: the live migrated legacy key `presented` is, if any (account,
+    /// key id) — bcrypt on the gate's worker, one at a time, but waiting for its turn
+    /// instead of giving up (a leaked key must not stay live because the gate was busy)
+    /// and counting no use.
+    pub async fn identify(
+        &self,
+        read_side: Arc<ReadSide>,
+        presented: String,
+        now: DateTime<Utc>,
+    ) -> Option<(String, uuid::Uuid)> {
+        if !read_side.has_live_legacy_candidate(&presented, now) {
+            return None;
+        }
+        let _turn = self.one_at_a_time.acquire().await.ok()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let check: Check = Box::new(move || {
+            let found = read_side.link_legacy_match(&presented, now).then(|| {
+                match read_side.identify(&presented, now) {
+                    super::Identified::Known {
+                        account_id, key_id, ..
+                    } => Some((account_id, key_id)),
+                    _ => None,
+                }
+            });
+            let _ = tx.send(found.flatten());
+        });
+        let sent = self
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|w| w.send(check).is_ok());
+        if !sent {
+            return None;
+        }
+        checked("leak-report");
+        rx.await.ok().flatten()
+    }
+
     async fn decide(
         &self,
         read_side: Arc<ReadSide>,

@@ -202,11 +202,23 @@ impl ReadSide {
         from: Option<&str>,
         now: DateTime<Utc>,
     ) -> VerifyOutcome {
-        let Ok(key) = PresentedKey::parse(presented) else {
+        if PresentedKey::parse(presented).is_err() {
             return Err(Rejection::Malformed);
+        }
+        if self.link_legacy_match(presented, now) {
+            return self.verify(presented, from, now);
+        }
+        Err(Rejection::Unknown)
+    }
+
+    /// Whether `presented` is a live migrated legacy key (bcrypt against each live
+    /// candidate of its username); a match is linked into the fast path, nothing counted.
+    pub fn link_legacy_match(&self, presented: &str, now: DateTime<Utc>) -> bool {
+        let Ok(key) = PresentedKey::parse(presented) else {
+            return false;
         };
         let Some(salt) = self.legacy_salt.as_deref() else {
-            return Err(Rejection::Unknown);
+            return false;
         };
         let candidates: Vec<_> = {
             let index = self.index();
@@ -222,10 +234,10 @@ impl ReadSide {
             if bcrypt::verify(key.secret(), &format!("{salt}{tail}")).unwrap_or(false) {
                 let hash = self.hasher.hash(key.as_str());
                 self.index_mut().link_legacy(&hash, &candidate);
-                return self.verify(presented, from, now);
+                return true;
             }
         }
-        Err(Rejection::Unknown)
+        false
     }
 
     /// Leaves the listing table to the projector (the bus is on).

@@ -6,7 +6,7 @@
 //! of keeping the counter within the entry's padding and the hot path to one instruction.
 //!
 //! Each instance adds what it counted since its last flush, so the table holds the sum
-//! over instances. A flush that fails gives its counts back to the entries, to be added by
+//! over instances. A flush that fails keeps its counts (with the time they were taken) for
 //! the next one; a crash loses at most one interval of counts (usage is a statistic, not a
 //! fact of the log).
 
@@ -26,7 +26,7 @@ use crate::store::{Store, StoreError};
 const CHUNK: usize = 64 * 1024;
 
 impl ReadSide {
-    /// Takes every count made since the last call (see [`Self::restore_usage`]).
+    /// Takes every count made since the last call.
     pub fn drain_usage(&self) -> Vec<Usage> {
         let mut out = Vec::new();
         let mut from = Some(0);
@@ -36,11 +36,6 @@ impl ReadSide {
             from = next;
         }
         out
-    }
-
-    /// Gives back counts that could not be stored.
-    pub fn restore_usage(&self, usage: &[Usage]) {
-        self.index().restore_usage(usage);
     }
 }
 
@@ -56,33 +51,56 @@ pub struct UsageFlusher {
     pub read_side: Arc<ReadSide>,
     pub store: Arc<Store>,
     pub every: Duration,
+    /// Counts drained but not yet written (a flush failed), with the time of the drain
+    /// that took them: kept here, in 64 bits, until a flush succeeds.
+    pub pending: std::sync::Mutex<HashMap<uuid::Uuid, Counted>>,
 }
 
 const FLUSH_LAG: &str = "keyledger_usage_flush_lag_seconds";
 
 impl UsageFlusher {
-    /// Writes what was counted since the last flush (given back on failure).
+    pub fn new(read_side: Arc<ReadSide>, store: Arc<Store>, every: Duration) -> Self {
+        Self {
+            read_side,
+            store,
+            every,
+            pending: Default::default(),
+        }
+    }
+
+    /// Writes what was counted since the last successful flush (kept for the next one on
+    /// failure). A key's last use is the time of the drain that first found it used.
     pub async fn flush(&self) -> Result<Flushed, StoreError> {
         let now = Utc::now();
         let drained = self.read_side.drain_usage();
-        let mut merged: HashMap<uuid::Uuid, Counted> = HashMap::with_capacity(drained.len());
-        for u in &drained {
-            let c = merged.entry(u.key_id).or_insert_with(|| Counted {
-                key_id: u.key_id,
-                account_id: u.account_id.clone(),
-                verifications: 0,
-                last_used_s: now.timestamp(),
-            });
-            c.verifications += i64::from(u.verifications);
-        }
-        let counted: Vec<Counted> = merged.into_values().collect();
+        let mut counted: Vec<Counted> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for u in &drained {
+                let c = pending.entry(u.key_id).or_insert_with(|| Counted {
+                    key_id: u.key_id,
+                    account_id: u.account_id.clone(),
+                    verifications: 0,
+                    last_used_s: 0,
+                });
+                c.verifications += i64::from(u.verifications);
+                c.last_used_s = now.timestamp();
+            }
+            pending.values().cloned().collect()
+        };
+        // One order for every instance: two flushes touching the same hot keys take their
+        // row locks in the same order and cannot deadlock.
+        counted.sort_unstable_by_key(|c| c.key_id);
         let flushed = Flushed {
             keys: counted.len(),
             verifications: counted.iter().map(|c| c.verifications as u64).sum(),
         };
-        if let Err(e) = table::record(&self.store, &counted, table::day_of(now)).await {
-            self.read_side.restore_usage(&drained);
-            return Err(e);
+        table::record(&self.store, &counted, table::day_of(now)).await?;
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        // Only what was written: a concurrent flush (none today) would keep its own.
+        for c in &counted {
+            if pending.get(&c.key_id) == Some(c) {
+                pending.remove(&c.key_id);
+            }
         }
         Ok(flushed)
     }

@@ -34,17 +34,34 @@ const PER_TICK: i64 = 500;
 pub struct Saga {
     store: Arc<Store>,
     stages: Stages,
+    /// Whether this deployment counts usage (a reminder says when a key was last used
+    /// only then).
+    usage: bool,
 }
 
 impl Saga {
     pub fn new(store: Arc<Store>, stages: Stages) -> Self {
-        Self { store, stages }
+        Self {
+            store,
+            stages,
+            usage: true,
+        }
+    }
+
+    /// Whether usage is counted (`KEYLEDGER_USAGE_FLUSH_SECONDS` is not 0): without it a
+    /// reminder says nothing of the key's use — it could not tell "never used".
+    pub fn with_usage(mut self, counted: bool) -> Self {
+        self.usage = counted;
+        self
     }
 
     /// Fills a reminder's usage from the usage table, so its email can say when the key
     /// was last used (or that it never was). Unreadable, it stays unsaid: a reminder is
     /// not held back for it.
     async fn add_usage(&self, command: &mut keyledger_events::Command) {
+        if !self.usage {
+            return;
+        }
         if let keyledger_events::Command::SendExpiryReminder {
             key_id,
             last_used_at,
