@@ -79,6 +79,7 @@ async fn world_on(backing: Backing, bus: bool, policy: Policy) -> World {
     let mut settings = settings_with(&backing, policy, bus.then(kafka::bus), Roles::ALL);
     settings.clock = clock.clone();
     settings.reminders = fast_reminders(&smtp);
+    settings.usage_flush = Some(Duration::from_millis(200));
     let app = TestApp::spawn_settings(backing, settings).await;
     World {
         app,
@@ -189,6 +190,9 @@ async fn each_stage_once_to_the_contacts_of_that_moment_then_the_expiry() {
     let w = world().await;
     let key = generate(&w.app, "acc-life", "prod", &["ops@agency.gov.sg"]).await;
     let e = key.expires_at;
+    // Used once (the usage table has it within a flush): the reminders will say so.
+    assert_eq!(w.app.verify(&key.api_key, None).await["valid"], json!(true));
+    tokio::time::sleep(Duration::from_millis(800)).await;
 
     // The operator view: four stages and the expiry ahead, with their recipients.
     let ahead = w
@@ -215,6 +219,7 @@ async fn each_stage_once_to_the_contacts_of_that_moment_then_the_expiry() {
     assert_eq!(summary(&mails), vec![pair("ops@agency.gov.sg", FOUR_WEEKS)]);
     let body = &mails[0].body();
     assert!(body.contains("prod") && body.contains(LOGIN), "{body}");
+    assert!(body.contains("It was last used on "), "{body}");
 
     // New contacts between two stages: the later reminders go to them.
     let (status, body) = w
