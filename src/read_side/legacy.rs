@@ -84,6 +84,15 @@ impl LegacyGate {
         }
     }
 
+    /// Hands `check` to the low-priority worker thread; false when it is gone.
+    fn on_worker(&self, check: Check) -> bool {
+        self.worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|w| w.send(check).is_ok())
+    }
+
     fn take_token(&self) -> bool {
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
@@ -177,13 +186,7 @@ impl LegacyGate {
             });
             let _ = tx.send(found.flatten());
         });
-        let sent = self
-            .worker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|w| w.send(check).is_ok());
-        if !sent {
+        if !self.on_worker(check) {
             return None;
         }
         checked("leak-report");
@@ -218,13 +221,7 @@ impl LegacyGate {
         let check: Check = Box::new(move || {
             let _ = tx.send(read_side.verify_legacy(&presented, from.as_deref(), now));
         });
-        let sent = self
-            .worker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|w| w.send(check).is_ok());
-        let outcome = if sent {
+        let outcome = if self.on_worker(check) {
             rx.await.unwrap_or(Err(Rejection::Unknown))
         } else {
             Err(Rejection::Unknown)
