@@ -98,12 +98,6 @@ fn clean(text: &str) -> String {
         .collect()
 }
 
-/// The last five characters of what was reported (as the listing names keys).
-fn last_five(raw: &str) -> String {
-    let chars: Vec<char> = raw.trim().chars().collect();
-    chars[chars.len().saturating_sub(5)..].iter().collect()
-}
-
 pub struct LeakDesk {
     handler: Arc<CommandHandler>,
     read_side: Arc<ReadSide>,
@@ -148,10 +142,7 @@ impl LeakDesk {
             if now_revoked {
                 metrics.count("keyledger_keys_revoked_for_leaks_total", &[], 1);
             }
-            results.push(LeakResult {
-                last_five: last_five(raw),
-                result,
-            });
+            results.push(LeakResult::of(raw, result));
         }
         tracing::info!(
             report_id = %report_id,
@@ -172,11 +163,9 @@ impl LeakDesk {
         raw: &str,
     ) -> Result<(LeakOutcome, bool), LeakError> {
         let now = self.clock.now();
-        let (account_id, key_id) = match self.read_side.identify(raw, now) {
+        let (account_id, key_id) = match self.read_side.identify(raw) {
             Identified::Malformed => return Ok((LeakOutcome::Malformed, false)),
-            Identified::Known {
-                account_id, key_id, ..
-            } => (account_id, key_id),
+            Identified::Known { account_id, key_id } => (account_id, key_id),
             Identified::Unknown => match self.not_in_memory(raw, now).await? {
                 Some(found) => found,
                 None => return Ok((LeakOutcome::Unknown, false)),

@@ -120,11 +120,7 @@ impl std::fmt::Debug for LeakedKeys {
         let ends: Vec<String> = self
             .0
             .iter()
-            .map(|k| {
-                let chars: Vec<char> = k.chars().collect();
-                let tail: String = chars[chars.len().saturating_sub(5)..].iter().collect();
-                format!("…{tail}")
-            })
+            .map(|k| format!("…{}", crate::envelope::last_five(k)))
             .collect();
         f.debug_tuple("LeakedKeys").field(&ends).finish()
     }

@@ -252,6 +252,22 @@ pub struct LeakResult {
     pub result: LeakOutcome,
 }
 
+impl LeakResult {
+    /// The result for the reported string `raw`, named by its last five characters.
+    pub fn of(raw: &str, result: LeakOutcome) -> Self {
+        Self {
+            last_five: last_five(raw),
+            result,
+        }
+    }
+}
+
+/// The last five characters of `raw` (trimmed): all a leak report ever repeats of a key.
+pub fn last_five(raw: &str) -> String {
+    let chars: Vec<char> = raw.trim().chars().collect();
+    chars[chars.len().saturating_sub(5)..].iter().collect()
+}
+
 /// `revoked` (it was live: revoked now), `already_inactive` (revoked or expired before),
 /// `unknown` (key-shaped, but no key of keyledger's), `malformed` (not key-shaped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -386,16 +386,12 @@ impl VerificationIndex {
         }
     }
 
-    /// The key with this hash whatever its state, and whether it is live as of `now` (a
-    /// leak report must tell a revoked key from one keyledger never issued).
-    pub fn find(&self, hash: &[u8; 32], now: DateTime<Utc>) -> Option<(Verified<'_>, bool)> {
+    /// The key with this hash whatever its state (a leak report must tell a revoked key
+    /// from one keyledger never issued; whether it is live, its keyring decides).
+    pub fn find(&self, hash: &[u8; 32]) -> Option<Verified<'_>> {
         let (prefix, tail) = split(hash);
         let &slot = self.by_prefix.get(&prefix)?;
-        if self.entries[slot as usize].hash_tail != tail {
-            return None;
-        }
-        let live = matches!(self.judge(slot, micros(now)), Lookup::Valid(_));
-        Some((Verified { index: self, slot }, live))
+        (self.entries[slot as usize].hash_tail == tail).then_some(Verified { index: self, slot })
     }
 
     fn judge(&self, slot: u32, now_micros: i64) -> Lookup<'_> {

@@ -140,20 +140,28 @@ pub fn admit(raw: &[u8], max_bytes: usize) -> Admission {
     Admission::Admitted { envelope, request }
 }
 
-/// A rejection of `envelope` with `code`.
-fn rejected(envelope: &CommandEnvelope, code: &str, message: String) -> CommandResult {
+/// The answer to `envelope` with `status`, nothing else said yet.
+fn answer(envelope: &CommandEnvelope, status: CommandStatus) -> CommandResult {
     CommandResult {
         command_id: envelope.command_id,
         account_id: envelope.account_id.clone(),
-        status: CommandStatus::Rejected,
-        error: Some(ErrorBody {
-            code: code.to_owned(),
-            message,
-        }),
+        status,
+        error: None,
         key_id: None,
         sealed_api_key: None,
         event_sequences: vec![],
         results: None,
+    }
+}
+
+/// A rejection of `envelope` with `code`.
+fn rejected(envelope: &CommandEnvelope, code: &str, message: String) -> CommandResult {
+    CommandResult {
+        error: Some(ErrorBody {
+            code: code.to_owned(),
+            message,
+        }),
+        ..answer(envelope, CommandStatus::Rejected)
     }
 }
 
@@ -433,19 +441,16 @@ impl CommandConsumer {
                 }
             }
         };
+        let status = match outcome.status {
+            Status::Accepted => CommandStatus::Accepted,
+            Status::Duplicate => CommandStatus::Duplicate,
+        };
         Reply::Result(CommandResult {
-            command_id: envelope.command_id,
-            account_id: envelope.account_id.clone(),
-            status: match outcome.status {
-                Status::Accepted => CommandStatus::Accepted,
-                Status::Duplicate => CommandStatus::Duplicate,
-            },
-            error: None,
             key_id: outcome.key.as_ref().map(|k| k.key_id),
             // The sealed box kept with the outcome: a redelivery gets the same key.
             sealed_api_key: outcome.sealed_api_key.clone(),
             event_sequences: outcome.sequences.clone(),
-            results: None,
+            ..answer(&envelope, status)
         })
     }
 
@@ -464,14 +469,8 @@ impl CommandConsumer {
             }
         };
         Reply::Result(CommandResult {
-            command_id: envelope.command_id,
-            account_id: envelope.account_id.clone(),
-            status: CommandStatus::Accepted,
-            error: None,
-            key_id: None,
-            sealed_api_key: None,
-            event_sequences: vec![],
             results: Some(results),
+            ..answer(envelope, CommandStatus::Accepted)
         })
     }
 

@@ -177,10 +177,8 @@ impl LegacyGate {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let check: Check = Box::new(move || {
             let found = read_side.link_legacy_match(&presented, now).then(|| {
-                match read_side.identify(&presented, now) {
-                    super::Identified::Known {
-                        account_id, key_id, ..
-                    } => Some((account_id, key_id)),
+                match read_side.identify(&presented) {
+                    super::Identified::Known { account_id, key_id } => Some((account_id, key_id)),
                     _ => None,
                 }
             });

@@ -118,12 +118,8 @@ pub enum Identified {
     Malformed,
     /// Key-shaped, but no key keyledger holds.
     Unknown,
-    Known {
-        account_id: String,
-        key_id: Uuid,
-        /// Neither revoked nor expired.
-        live: bool,
-    },
+    /// A key keyledger holds or held (live or not: its keyring decides).
+    Known { account_id: String, key_id: Uuid },
 }
 
 impl ReadSide {
@@ -544,16 +540,15 @@ impl ReadSide {
 
     /// What `presented` is, without verifying it: no usage counted, no first use signalled.
     /// Keys of keyledger's own only; a migrated legacy key needs [`Self::verify_legacy`].
-    pub fn identify(&self, presented: &str, now: DateTime<Utc>) -> Identified {
+    pub fn identify(&self, presented: &str) -> Identified {
         let Ok(key) = PresentedKey::parse(presented) else {
             return Identified::Malformed;
         };
         let hash = self.hasher.hash(key.as_str());
-        match self.index().find(&hash, now) {
-            Some((k, live)) => Identified::Known {
+        match self.index().find(&hash) {
+            Some(k) => Identified::Known {
                 account_id: k.account_id().to_owned(),
                 key_id: k.key_id(),
-                live,
             },
             None => Identified::Unknown,
         }

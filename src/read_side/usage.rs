@@ -39,21 +39,14 @@ impl ReadSide {
     }
 }
 
-/// What one flush wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Flushed {
-    pub keys: usize,
-    pub verifications: u64,
-}
-
 /// Takes the counts to the usage table every `every`, and once more when stopped.
 pub struct UsageFlusher {
-    pub read_side: Arc<ReadSide>,
-    pub store: Arc<Store>,
-    pub every: Duration,
+    read_side: Arc<ReadSide>,
+    store: Arc<Store>,
+    every: Duration,
     /// Counts drained but not yet written (a flush failed), with the time of the drain
     /// that took them: kept here, in 64 bits, until a flush succeeds.
-    pub pending: std::sync::Mutex<HashMap<uuid::Uuid, Counted>>,
+    pending: HashMap<uuid::Uuid, Counted>,
 }
 
 const FLUSH_LAG: &str = "keyledger_usage_flush_lag_seconds";
@@ -69,43 +62,31 @@ impl UsageFlusher {
     }
 
     /// Writes what was counted since the last successful flush (kept for the next one on
-    /// failure). A key's last use is the time of the drain that first found it used.
-    pub async fn flush(&self) -> Result<Flushed, StoreError> {
+    /// failure); answers how many verifications were written. A key's last use is the
+    /// time of the drain that last found it used.
+    pub async fn flush(&mut self) -> Result<u64, StoreError> {
         let now = Utc::now();
-        let drained = self.read_side.drain_usage();
-        let mut counted: Vec<Counted> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for u in &drained {
-                let c = pending.entry(u.key_id).or_insert_with(|| Counted {
-                    key_id: u.key_id,
-                    account_id: u.account_id.clone(),
-                    verifications: 0,
-                    last_used_s: 0,
-                });
-                c.verifications += i64::from(u.verifications);
-                c.last_used_s = now.timestamp();
-            }
-            pending.values().cloned().collect()
-        };
+        for u in self.read_side.drain_usage() {
+            let c = self.pending.entry(u.key_id).or_insert_with(|| Counted {
+                key_id: u.key_id,
+                account_id: u.account_id,
+                verifications: 0,
+                last_used_s: 0,
+            });
+            c.verifications += i64::from(u.verifications);
+            c.last_used_s = now.timestamp();
+        }
+        let mut counted: Vec<&Counted> = self.pending.values().collect();
         // One order for every instance: two flushes touching the same hot keys take their
         // row locks in the same order and cannot deadlock.
         counted.sort_unstable_by_key(|c| c.key_id);
-        let flushed = Flushed {
-            keys: counted.len(),
-            verifications: counted.iter().map(|c| c.verifications as u64).sum(),
-        };
         table::record(&self.store, &counted, table::day_of(now)).await?;
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        // Only what was written: a concurrent flush (none today) would keep its own.
-        for c in &counted {
-            if pending.get(&c.key_id) == Some(c) {
-                pending.remove(&c.key_id);
-            }
-        }
-        Ok(flushed)
+        let written = counted.iter().map(|c| c.verifications as u64).sum();
+        self.pending.clear();
+        Ok(written)
     }
 
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let metrics = crate::metrics::metrics();
         let mut last_success = Instant::now();
         let mut pruned_day = None;
@@ -115,11 +96,11 @@ impl UsageFlusher {
                 _ = stop.changed() => true,
             };
             match self.flush().await {
-                Ok(f) => {
+                Ok(written) => {
                     // The oldest count this flush carried was at most this old.
                     metrics.set(FLUSH_LAG, &[], last_success.elapsed().as_secs_f64());
                     last_success = Instant::now();
-                    metrics.count("keyledger_usage_flushed_total", &[], f.verifications);
+                    metrics.count("keyledger_usage_flushed_total", &[], written);
                 }
                 Err(e) => {
                     metrics.set(FLUSH_LAG, &[], last_success.elapsed().as_secs_f64());

@@ -37,6 +37,8 @@ pub struct Saga {
     /// Whether this deployment counts usage (a reminder says when a key was last used
     /// only then).
     usage: bool,
+    /// Since when usage is recorded (a fact of the migration): read once.
+    usage_since: tokio::sync::OnceCell<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 impl Saga {
@@ -45,6 +47,7 @@ impl Saga {
             store,
             stages,
             usage: true,
+            usage_since: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -71,7 +74,10 @@ impl Saga {
         {
             let read = async {
                 let last = crate::store::usage::last_used(&self.store, *key_id).await?;
-                let since = crate::store::usage::tracked_since(&self.store).await?;
+                let since = *self
+                    .usage_since
+                    .get_or_try_init(|| crate::store::usage::tracked_since(&self.store))
+                    .await?;
                 Ok::<_, StoreError>((last, since))
             };
             match read.await {

@@ -42,7 +42,7 @@ fn at(seconds: i64) -> Option<DateTime<Utc>> {
 
 /// Adds `counted` (one entry per key) to the tables as verifications of day `day`, in one
 /// transaction: all or nothing, so a failed flush can be retried without counting twice.
-pub async fn record(store: &Store, counted: &[Counted], day: i64) -> Result<(), StoreError> {
+pub async fn record(store: &Store, counted: &[&Counted], day: i64) -> Result<(), StoreError> {
     if counted.is_empty() {
         return Ok(());
     }

@@ -418,6 +418,18 @@ pub async fn spawn_with_legacy_cutoff_in_30_days(
     (addr, clock)
 }
 
+/// `POST` of `body` to `path` on the app at `addr`, with the admin token.
+pub async fn post(addr: SocketAddr, path: &str, body: Value) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    read(resp).await
+}
+
 /// A legacy key made the way Postman made them: bcrypt (at `cost`) of the secret part under
 /// a server-wide salt. Returns (plaintext key, salt, hash without the salt).
 pub fn postman_legacy_key(username: &str, cost: u32) -> (String, String, String) {

@@ -399,41 +399,22 @@ async fn usage_from_two_instances_is_summed_in_the_listing() {
 /// bcrypt scheme (the legacy gate), revoked, and counted as no use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reported_legacy_key_is_found_by_its_bcrypt_hash_and_revoked() {
+    use crate::common::post;
     let (plaintext, salt, tail) = crate::common::postman_legacy_key("marylim", 10);
     let (addr, _clock) = crate::common::spawn_with_legacy_cutoff_in_30_days(&salt).await;
-    let http = reqwest::Client::new();
-    let call = |path: &str, body: Value| {
-        http.post(format!("http://{addr}{path}"))
-            .bearer_auth(crate::common::TOKEN)
-            .json(&body)
-            .send()
-    };
-    let (status, migrated) = crate::common::read(
-        call(
-            "/v1/accounts/legacy-acc/legacy-key",
-            json!({"login_email": "mary.lim@agency.gov.sg", "legacy_hash": format!("marylim_v1_{tail}")}),
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    let legacy = json!({"login_email": "mary.lim@agency.gov.sg", "legacy_hash": format!("marylim_v1_{tail}")});
+    let (status, migrated) = post(addr, "/v1/accounts/legacy-acc/legacy-key", legacy).await;
     assert_eq!(status, StatusCode::CREATED, "{migrated}");
     let report = json!({"keys": [plaintext], "source": "a pasted curl command in a ticket"});
-    let (status, body) =
-        crate::common::read(call("/v1/leaks", report.clone()).await.expect("sent")).await;
+    let (status, body) = post(addr, "/v1/leaks", report.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["results"][0]["result"], "revoked", "{body}");
-    let (_, v) = crate::common::read(
-        call("/v1/verify", json!({"api_key": plaintext}))
-            .await
-            .expect("sent"),
-    )
-    .await;
+    let (_, v) = post(addr, "/v1/verify", json!({"api_key": plaintext})).await;
     assert_eq!(
         (&v["valid"], &v["code"]),
         (&json!(false), &json!("revoked"))
     );
     // Reported again: already inactive (the fast path knows it now).
-    let (_, body) = crate::common::read(call("/v1/leaks", report).await.expect("sent")).await;
+    let (_, body) = post(addr, "/v1/leaks", report).await;
     assert_eq!(body["results"][0]["result"], "already_inactive", "{body}");
 }

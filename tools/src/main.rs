@@ -256,13 +256,9 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             generator,
             legacy_flood,
         } => bench::http::run(bench::http::HttpSettings {
-            url: server.trim_end_matches('/').to_owned(),
             generator,
-            token,
-            keys: keys.max(1),
-            connections: connections.max(1),
-            seconds: seconds.max(1),
             legacy_flood,
+            ..bench::http::HttpSettings::new(&server, token, keys, connections, seconds)
         })
         .await
         .map(|_| ()),
@@ -274,15 +270,7 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             seconds,
             rounds,
         } => bench::http::usage(
-            bench::http::HttpSettings {
-                url: server.trim_end_matches('/').to_owned(),
-                generator: bench::http::Generator::Wrk,
-                token,
-                keys: keys.max(1),
-                connections: connections.max(1),
-                seconds: seconds.max(1),
-                legacy_flood: false,
-            },
+            bench::http::HttpSettings::new(&server, token, keys, connections, seconds),
             without,
             rounds,
         )

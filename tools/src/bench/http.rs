@@ -47,6 +47,21 @@ pub struct HttpSettings {
     pub legacy_flood: bool,
 }
 
+impl HttpSettings {
+    /// wrk on `server`'s valid keys, no legacy flood; counts of at least one.
+    pub fn new(server: &str, token: String, keys: usize, connections: usize, seconds: u64) -> Self {
+        Self {
+            url: server.trim_end_matches('/').to_owned(),
+            generator: Generator::Wrk,
+            token,
+            keys: keys.max(1),
+            connections: connections.max(1),
+            seconds: seconds.max(1),
+            legacy_flood: false,
+        }
+    }
+}
+
 /// One measured phase.
 pub struct Phase {
     pub name: &'static str,
@@ -490,15 +505,7 @@ pub async fn usage(s: HttpSettings, without: String, rounds: usize) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let off = HttpSettings {
-        url: without,
-        generator: s.generator,
-        token: s.token.clone(),
-        keys: s.keys,
-        connections: s.connections,
-        seconds: s.seconds,
-        legacy_flood: false,
-    };
+    let off = HttpSettings::new(&without, s.token.clone(), s.keys, s.connections, s.seconds);
     let (mut on_rates, mut off_rates) = (Vec::new(), Vec::new());
     let (mut on_p99, mut off_p99) = (Vec::new(), Vec::new());
     for round in 1..=rounds.max(1) {
