@@ -58,15 +58,8 @@ enum BenchWhat {
     Http {
         #[command(flatten)]
         target: ServerArgs,
-        /// Keys generated (through the API) and verified in turn.
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        /// Concurrent connections, each one request at a time.
-        #[arg(long, default_value_t = 32)]
-        connections: usize,
-        /// Seconds measured per phase (after a one-second warm-up).
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        #[command(flatten)]
+        load: LoadArgs,
         /// Where the load comes from.
         #[arg(long, value_enum, default_value = "wrk")]
         generator: bench::http::Generator,
@@ -83,12 +76,8 @@ enum BenchWhat {
         /// The instance that does not count usage.
         #[arg(long)]
         without: String,
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        #[arg(long, default_value_t = 32)]
-        connections: usize,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        #[command(flatten)]
+        load: LoadArgs,
         /// Measurements of each, alternately.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -154,6 +143,32 @@ struct ServerArgs {
     server: String,
     #[arg(long, env = "KEYLEDGER_API_TOKEN", hide_env_values = true)]
     token: String,
+}
+
+/// How much verification load an HTTP benchmark puts on the server.
+#[derive(Debug, Clone, Args)]
+struct LoadArgs {
+    /// Keys generated (through the API) and verified in turn.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Concurrent connections, each one request at a time.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Seconds measured per phase (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+impl LoadArgs {
+    fn settings(self, target: ServerArgs) -> bench::http::HttpSettings {
+        bench::http::HttpSettings::new(
+            &target.server,
+            target.token,
+            self.keys,
+            self.connections,
+            self.seconds,
+        )
+    }
 }
 
 /// A running keyledger's PostgreSQL and Kafka, for the load tools.
@@ -249,33 +264,25 @@ async fn bench(what: BenchWhat) -> anyhow::Result<()> {
             events,
         } => bench::bus::audit_bench(&kafka_brokers, events).await,
         BenchWhat::Http {
-            target: ServerArgs { server, token },
-            keys,
-            connections,
-            seconds,
+            target,
+            load,
             generator,
             legacy_flood,
         } => bench::http::run(bench::http::HttpSettings {
             generator,
             legacy_flood,
-            ..bench::http::HttpSettings::new(&server, token, keys, connections, seconds)
+            ..load.settings(target)
         })
         .await
         .map(|_| ()),
         BenchWhat::Usage {
-            target: ServerArgs { server, token },
+            target,
             without,
-            keys,
-            connections,
-            seconds,
+            load,
             rounds,
-        } => bench::http::usage(
-            bench::http::HttpSettings::new(&server, token, keys, connections, seconds),
-            without,
-            rounds,
-        )
-        .await
-        .map(|_| ()),
+        } => bench::http::usage(load.settings(target), without, rounds)
+            .await
+            .map(|_| ()),
         BenchWhat::History {
             target: ServerArgs { server, token },
             events,
