@@ -25,11 +25,11 @@ use keyledger_events::{Command, LeakOutcome, LeakResult};
 use uuid::Uuid;
 
 use crate::domain::api_key::{redact_keys, to_hex};
-use crate::domain::{AccountId, Clock};
+use crate::domain::{AccountId, Clock, PresentedKey};
 use crate::handler::{CommandHandler, HandleError, Request, Status};
 use crate::read_side::legacy::LegacyGate;
 use crate::read_side::{index, Identified, ReadSide};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The most keys one report may hold.
 pub const MAX_KEYS: usize = 100;
@@ -199,9 +199,11 @@ impl LeakDesk {
         }
     }
 
-    /// A key the in-memory index does not know: a migrated legacy key (Postman's bcrypt
-    /// scheme, through the legacy gate), or — on an instance that keeps no in-memory index
-    /// (the commands role alone) or has not caught up yet — a key of the persisted index.
+    /// A key the in-memory index does not know: a live migrated legacy key (Postman's
+    /// bcrypt scheme, through the legacy gate), or — on an instance that keeps no in-memory
+    /// index (the commands role alone), has not caught up yet, or has not met a revoked
+    /// legacy key since it started — a key of the persisted index: by its hash, else a
+    /// legacy key of its username in any state (bcrypt through the gate again).
     async fn not_in_memory(
         &self,
         raw: &str,
@@ -216,11 +218,26 @@ impl LeakDesk {
                 return Ok(found);
             }
         }
-        let Some(hash) = self.read_side.keyed_hash(raw) else {
+        let (Ok(key), Some(hash)) = (PresentedKey::parse(raw), self.read_side.keyed_hash(raw))
+        else {
             return Ok(None);
         };
-        index::find_by_hash(&self.store, &to_hex(&hash))
+        let unavailable = |e: StoreError| LeakError::Unavailable(e.to_string());
+        if let Some(found) = index::find_by_hash(&self.store, &to_hex(&hash))
             .await
-            .map_err(|e| LeakError::Unavailable(e.to_string()))
+            .map_err(unavailable)?
+        {
+            return Ok(Some(found));
+        }
+        if !self.read_side.legacy_enabled() {
+            return Ok(None);
+        }
+        let candidates = index::legacy_of_username(&self.store, key.username())
+            .await
+            .map_err(unavailable)?;
+        Ok(self
+            .legacy
+            .identify_among(self.read_side.clone(), raw.to_owned(), candidates)
+            .await)
     }
 }

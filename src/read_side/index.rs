@@ -171,6 +171,37 @@ pub async fn find_by_hash(
     Ok(row.map(|r| (r.get("account_id"), r.get("key_id"))))
 }
 
+/// Most legacy keys of one username a leak report compares (bcrypt each): a username has
+/// one or two in practice.
+const LEGACY_PER_USERNAME: i64 = 16;
+
+/// The migrated legacy keys of `username` in the persisted index, whatever their state, as
+/// (account, key id, legacy hash) — for a leak report that the in-memory index cannot
+/// answer (a commands-only instance, or a key revoked before this instance started).
+/// Empty without PostgreSQL.
+pub async fn legacy_of_username(
+    store: &Store,
+    username: &str,
+) -> Result<Vec<(String, Uuid, String)>, StoreError> {
+    let Some(pool) = store.pg_pool() else {
+        return Ok(Vec::new());
+    };
+    // The expression and the condition of the index verification_index_legacy_by_username.
+    let rows = sqlx::query(
+        "SELECT account_id, key_id, legacy_hash FROM verification_index \
+         WHERE legacy_hash IS NOT NULL AND split_part(legacy_hash, '_v1_', 1) = $1 \
+         ORDER BY account_id, key_id LIMIT $2",
+    )
+    .bind(username)
+    .bind(LEGACY_PER_USERNAME)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get("account_id"), r.get("key_id"), r.get("legacy_hash")))
+        .collect())
+}
+
 /// One row of the persisted index.
 pub struct IndexRow {
     pub account_id: String,

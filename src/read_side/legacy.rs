@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 
 use super::{ReadSide, Rejection, VerifyOutcome};
+use crate::domain::PresentedKey;
 
 /// Most misses remembered (then the memory is cleared and starts again).
 const MISSES_KEPT: usize = 100_000;
@@ -173,22 +174,59 @@ impl LegacyGate {
         if !read_side.has_live_legacy_candidate(&presented, now) {
             return None;
         }
+        checked("leak-report");
+        self.in_turn(move || {
+            if !read_side.link_legacy_match(&presented, now) {
+                return None;
+            }
+            match read_side.identify(&presented) {
+                super::Identified::Known { account_id, key_id } => Some((account_id, key_id)),
+                _ => None,
+            }
+        })
+        .await
+        .flatten()
+    }
+
+    /// For a leak report the in-memory index cannot answer: which of `candidates`
+    /// (account, key id, legacy hash — from the persisted index, in any state) `presented`
+    /// is. As [`Self::identify`]: bcrypt on the worker, waiting for its turn.
+    pub async fn identify_among(
+        &self,
+        read_side: Arc<ReadSide>,
+        presented: String,
+        candidates: Vec<(String, uuid::Uuid, String)>,
+    ) -> Option<(String, uuid::Uuid)> {
+        if candidates.is_empty() {
+            return None;
+        }
+        checked("leak-report");
+        self.in_turn(move || {
+            let key = PresentedKey::parse(&presented).ok()?;
+            candidates
+                .into_iter()
+                .find(|(_, _, legacy_hash)| read_side.is_legacy_key(&key, legacy_hash))
+                .map(|(account_id, key_id, _)| (account_id, key_id))
+        })
+        .await
+        .flatten()
+    }
+
+    /// Runs `check` on the worker when it is this caller's turn (waiting for it) and
+    /// returns its answer; None when the worker is gone.
+    async fn in_turn<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
         let _turn = self.one_at_a_time.acquire().await.ok()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let check: Check = Box::new(move || {
-            let found = read_side.link_legacy_match(&presented, now).then(|| {
-                match read_side.identify(&presented) {
-                    super::Identified::Known { account_id, key_id } => Some((account_id, key_id)),
-                    _ => None,
-                }
-            });
-            let _ = tx.send(found.flatten());
+            let _ = tx.send(check());
         });
         if !self.on_worker(check) {
             return None;
         }
-        checked("leak-report");
-        rx.await.ok().flatten()
+        rx.await.ok()
     }
 
     async fn decide(

@@ -418,3 +418,87 @@ async fn a_reported_legacy_key_is_found_by_its_bcrypt_hash_and_revoked() {
     let (_, body) = post(addr, "/v1/leaks", report).await;
     assert_eq!(body["results"][0]["result"], "already_inactive", "{body}");
 }
+
+/// A migrated legacy key reported over the bus to a process with the commands role alone
+/// (no in-memory index, so no legacy gate candidates): found in the persisted index by its
+/// username and Postman's bcrypt, revoked, refused at once by the instance that verified
+/// it; a later report of it to the same process — the key now revoked — is answered
+/// `already_inactive`, not `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_key_reported_to_a_commands_only_process_is_found_in_the_persisted_index() {
+    use sqlx::Connection;
+    let (plaintext, salt, tail) = crate::common::postman_legacy_key("marylim", 10);
+    let backing = Backing::postgres().await;
+    let Backing::Postgres(url) = backing.clone() else {
+        unreachable!()
+    };
+    let bus = kafka::bus();
+    let policy = Policy {
+        legacy_expiry: Utc::now() + chrono::Duration::days(30),
+        ..Policy::default()
+    };
+    let roles = Roles::parse("http,relay,projector").expect("roles");
+    let mut settings = settings_with(&backing, policy, Some(bus.clone()), roles);
+    settings.legacy_salt = Some(salt.clone());
+    let a = TestApp::spawn_settings(backing, settings).await;
+    let legacy = json!({"login_email": "mary.lim@agency.gov.sg", "legacy_hash": format!("marylim_v1_{tail}")});
+    let (status, body) = a
+        .call(
+            Method::POST,
+            "/v1/accounts/legacy-acc/legacy-key",
+            Some(legacy),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(a.verify(&plaintext, None).await["valid"], json!(true));
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut persisted = 0;
+    for _ in 0..100 {
+        persisted = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM verification_index WHERE legacy_hash IS NOT NULL",
+        )
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
+        if persisted == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(persisted, 1, "the projector persists the legacy key");
+    let _commands = kafka::spawn_process_env(
+        &url,
+        &bus,
+        "commands",
+        &[("KEYLEDGER_LEGACY_SALT", salt.clone())],
+    )
+    .await;
+
+    let producer = kafka::producer();
+    let report = |source: &str| {
+        let command_id = Uuid::new_v4();
+        let envelope = json!({
+            "command_id": command_id, "account_id": "leak-desk", "issued_by": "helpdesk",
+            "command": {"type": "ReportLeak", "keys": [plaintext], "source": source},
+        });
+        (command_id, serde_json::to_vec(&envelope).expect("json"))
+    };
+    let (first, raw) = report("ticket 4712");
+    produce(&producer, &bus.commands_topic(), "leak-desk", &raw).await;
+    let result = first_result(&bus, first).await;
+    assert_eq!(
+        result["results"],
+        json!([{"last_five": last_five(&plaintext), "result": "revoked"}]),
+        "{result}"
+    );
+    refused_within(&a, &plaintext, Duration::from_secs(2)).await;
+
+    let (second, raw) = report("ticket 4713");
+    produce(&producer, &bus.commands_topic(), "leak-desk", &raw).await;
+    let result = first_result(&bus, second).await;
+    assert_eq!(
+        result["results"],
+        json!([{"last_five": last_five(&plaintext), "result": "already_inactive"}]),
+        "{result}"
+    );
+}
