@@ -137,6 +137,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Accounts whose next outbox row could not be read; their events are held back (every other account goes on).",
     ),
     (
+        "keyledger_producer_renewals_total",
+        "counter",
+        "Idempotent producers replaced after a fatal error (their failed records are published again).",
+    ),
+    (
         "keyledger_leaks_reported_total",
         "counter",
         "Keys reported in leak reports (POST /v1/leaks, ReportLeak), by result: revoked, already_inactive, unknown, malformed.",
