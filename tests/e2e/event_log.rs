@@ -344,6 +344,19 @@ async fn commands_sent_through_a_broker_crash_take_effect_exactly_once() {
     })
     .await
     .expect("reader");
+    let answered: BTreeSet<String> = results.iter().map(|r| r.key.clone()).collect();
+    let missing: Vec<String> = ids
+        .iter()
+        .map(Uuid::to_string)
+        .filter(|id| !answered.contains(id))
+        .collect();
+    if !missing.is_empty() {
+        panic!(
+            "no result for {} commands: {}",
+            missing.len(),
+            where_commands_are(&broker.address, &bus.commands_topic(), &url, &missing).await
+        );
+    }
     let mut statuses: HashMap<String, Vec<String>> = HashMap::new();
     for r in &results {
         statuses
@@ -387,6 +400,46 @@ async fn commands_sent_through_a_broker_crash_take_effect_exactly_once() {
 }
 
 /// [`kafka::read_until`] against another broker.
+/// For a failure of the crash test: where the unanswered commands are on the commands
+/// topic (or that they are not there), each partition's last offset and record count, and
+/// the offsets the consumers stored — to tell a lost record from one never consumed.
+async fn where_commands_are(brokers: &str, topic: &str, url: &str, missing: &[String]) -> String {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    let records = tokio::task::spawn_blocking(move || {
+        kafka::read_from(&brokers, &topic, Duration::from_secs(20), |r| {
+            r.len() >= 300
+        })
+    })
+    .await
+    .expect("reader");
+    let mut out = format!("the commands topic holds {} records", records.len());
+    let mut partitions: std::collections::BTreeMap<i32, (i64, usize)> = Default::default();
+    for r in &records {
+        let p = partitions.entry(r.partition).or_default();
+        (p.0, p.1) = (p.0.max(r.offset), p.1 + 1);
+        let id = r.json()["command_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if missing.contains(&id) {
+            out.push_str(&format!("; {id} at {}:{}", r.partition, r.offset));
+        }
+    }
+    out.push_str(&format!(
+        "; per partition (last offset, records): {partitions:?}"
+    ));
+    if let Ok(mut db) = PgConnection::connect(url).await {
+        let stored: Vec<(String, String, i32, i64)> = sqlx::query_as(
+            "SELECT consumer, topic, partition, next_offset FROM consumer_offsets ORDER BY 1, 2, 3",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap_or_default();
+        out.push_str(&format!("; stored offsets: {stored:?}"));
+    }
+    out
+}
+
 fn read_all_until(
     brokers: &str,
     topic: &str,
