@@ -85,13 +85,26 @@ impl LegacyGate {
         }
     }
 
-    /// Hands `check` to the low-priority worker thread; false when it is gone.
-    fn on_worker(&self, check: Check) -> bool {
-        self.worker
+    /// Runs `check` on the low-priority worker thread and returns its answer; None when
+    /// the worker is gone.
+    async fn on_worker<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Check = Box::new(move || {
+            let _ = tx.send(check());
+        });
+        let handed = self
+            .worker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_some_and(|w| w.send(check).is_ok())
+            .is_some_and(|w| w.send(job).is_ok());
+        if !handed {
+            return None;
+        }
+        rx.await.ok()
     }
 
     fn take_token(&self) -> bool {
@@ -219,14 +232,7 @@ impl LegacyGate {
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         let _turn = self.one_at_a_time.acquire().await.ok()?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let check: Check = Box::new(move || {
-            let _ = tx.send(check());
-        });
-        if !self.on_worker(check) {
-            return None;
-        }
-        rx.await.ok()
+        self.on_worker(check).await
     }
 
     async fn decide(
@@ -253,15 +259,10 @@ impl LegacyGate {
             return Err(Rejection::Unknown);
         }
         let bcrypt_started = Instant::now();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let check: Check = Box::new(move || {
-            let _ = tx.send(read_side.verify_legacy(&presented, from.as_deref(), now));
-        });
-        let outcome = if self.on_worker(check) {
-            rx.await.unwrap_or(Err(Rejection::Unknown))
-        } else {
-            Err(Rejection::Unknown)
-        };
+        let outcome = self
+            .on_worker(move || read_side.verify_legacy(&presented, from.as_deref(), now))
+            .await
+            .unwrap_or(Err(Rejection::Unknown));
         self.measured(bcrypt_started.elapsed());
         checked(if outcome.is_ok() { "matched" } else { "missed" });
         if outcome.is_err() {

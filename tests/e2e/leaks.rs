@@ -426,7 +426,6 @@ async fn a_reported_legacy_key_is_found_by_its_bcrypt_hash_and_revoked() {
 /// `already_inactive`, not `unknown`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_key_reported_to_a_commands_only_process_is_found_in_the_persisted_index() {
-    use sqlx::Connection;
     let (plaintext, salt, tail) = crate::common::postman_legacy_key("marylim", 10);
     let backing = Backing::postgres().await;
     let Backing::Postgres(url) = backing.clone() else {
@@ -451,21 +450,16 @@ async fn a_legacy_key_reported_to_a_commands_only_process_is_found_in_the_persis
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(a.verify(&plaintext, None).await["valid"], json!(true));
-    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-    let mut persisted = 0;
-    for _ in 0..100 {
-        persisted = sqlx::query_scalar::<_, i64>(
+    let db = sqlx::PgPool::connect(&url).await.expect("connect");
+    wait_for("the projector to persist the legacy key", || async {
+        sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM verification_index WHERE legacy_hash IS NOT NULL",
         )
-        .fetch_one(&mut db)
+        .fetch_one(&db)
         .await
-        .expect("count");
-        if persisted == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(persisted, 1, "the projector persists the legacy key");
+        .is_ok_and(|persisted| persisted == 1)
+    })
+    .await;
     let _commands = kafka::spawn_process_env(
         &url,
         &bus,
@@ -474,30 +468,32 @@ async fn a_legacy_key_reported_to_a_commands_only_process_is_found_in_the_persis
     )
     .await;
 
+    // A report over the bus; its per-key results.
     let producer = kafka::producer();
-    let report = |source: &str| {
-        let command_id = Uuid::new_v4();
-        let envelope = json!({
-            "command_id": command_id, "account_id": "leak-desk", "issued_by": "helpdesk",
-            "command": {"type": "ReportLeak", "keys": [plaintext], "source": source},
-        });
-        (command_id, serde_json::to_vec(&envelope).expect("json"))
+    let report = |source: &'static str| {
+        let (producer, bus, key) = (&producer, &bus, &plaintext);
+        async move {
+            let command_id = Uuid::new_v4();
+            let envelope = json!({
+                "command_id": command_id, "account_id": "leak-desk", "issued_by": "helpdesk",
+                "command": {"type": "ReportLeak", "keys": [key], "source": source},
+            });
+            let raw = serde_json::to_vec(&envelope).expect("json");
+            produce(producer, &bus.commands_topic(), "leak-desk", &raw).await;
+            first_result(bus, command_id).await["results"].clone()
+        }
     };
-    let (first, raw) = report("ticket 4712");
-    produce(&producer, &bus.commands_topic(), "leak-desk", &raw).await;
-    let result = first_result(&bus, first).await;
+    let result = report("ticket 4712").await;
     assert_eq!(
-        result["results"],
+        result,
         json!([{"last_five": last_five(&plaintext), "result": "revoked"}]),
         "{result}"
     );
     refused_within(&a, &plaintext, Duration::from_secs(2)).await;
 
-    let (second, raw) = report("ticket 4713");
-    produce(&producer, &bus.commands_topic(), "leak-desk", &raw).await;
-    let result = first_result(&bus, second).await;
+    let result = report("ticket 4713").await;
     assert_eq!(
-        result["results"],
+        result,
         json!([{"last_five": last_five(&plaintext), "result": "already_inactive"}]),
         "{result}"
     );
